@@ -1,0 +1,65 @@
+"""Mamba-2 backbones: `reference` (pure PyTorch, any device) and `fused` (mamba_ssm Triton kernels +
+CUDA graphs). Both are `MambaLM` modules with the same parameters; `build_backbone` picks one."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Literal
+
+import torch
+
+from ..config import MambaConfig
+from .model import REFERENCE_KERNELS, Kernels, MambaLM
+
+log = logging.getLogger(__name__)
+
+Impl = Literal["auto", "reference", "fused"]
+IMPLS = ("auto", "reference", "fused")
+
+
+def fused_available() -> bool:
+    """True when the fused backbone can run here: a CUDA device and an installed mamba_ssm."""
+    return torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
+
+
+def resolve_impl(impl: Impl, device: torch.device | str) -> Literal["reference", "fused"]:
+    """`auto` -> fused on a CUDA device when mamba_ssm is installed, else reference."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if impl == "auto":
+        return "fused" if on_cuda and fused_available() else "reference"
+    if impl == "fused":
+        if not on_cuda:
+            raise ValueError(f"the fused backbone runs on a CUDA device, not {str(device)!r}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("the fused backbone needs CUDA, and no CUDA device is available")
+        if importlib.util.find_spec("mamba_ssm") is None:
+            raise RuntimeError("the fused backbone needs mamba_ssm (pip install 'crsm-server[gpu]')")
+    return impl
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """fp32 on the CPU, bf16 on CUDA."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def build_backbone(config: MambaConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                   impl: Impl = "auto") -> MambaLM:
+    """A freshly initialised `MambaLM` on `device` in `dtype` (default: `default_dtype(device)`),
+    in eval mode, with the kernels of `impl` (see `resolve_impl`)."""
+    chosen = resolve_impl(impl, device)
+    if chosen == "fused":
+        from .fused import FUSED_KERNELS  # imports mamba_ssm and Triton: only when asked for
+        kernels = FUSED_KERNELS
+    else:
+        kernels = REFERENCE_KERNELS
+    dtype = default_dtype(device) if dtype is None else dtype
+    model = MambaLM(config, kernels).to(device=device, dtype=dtype).eval()
+    log.info("built %s Mamba-2 backbone (%d layers, d_model %d) on %s in %s",
+             kernels.name, config.n_layer, config.d_model, device, dtype)
+    return model
+
+
+__all__ = ["MambaLM", "Kernels", "REFERENCE_KERNELS", "build_backbone", "fused_available", "resolve_impl",
+           "default_dtype", "IMPLS"]

@@ -1,0 +1,598 @@
+"""Continuous-batching generation engine.
+
+One generator thread owns the model. Every iteration it
+  1. drops cancelled sessions and admits waiting ones while slots are free,
+  2. prefills up to `prefill_chunk` prompt tokens (a long prompt takes several iterations, so the
+     sessions already streaming keep getting a token every iteration),
+  3. runs one decode round for all running sessions: due injections, one token per session (sampled
+     from the logits of the previous step), then one batched decode step `_decode(n)` over pool rows
+     [0, n).
+
+Running sessions always occupy the rows [0, n) of the slot pool: a session that leaves has the last row
+moved into its hole. That is the contract of `CapturedDecoder`, whose graphs (on CUDA) step rows
+[0:bucket] of the pool in place; prompts are prefilled into a separate one-row state and copied into
+row n when they start running, so no live state ever sits beyond the running rows.
+
+Positions follow the project convention: position t = tokens consumed so far. The token chosen at
+position t is sampled from the logits produced by the step that consumed token t-1 (or by the
+prefill); the decode step then consumes it. Events go to each session's asyncio.Queue through
+`loop.call_soon_threadsafe`; the event loop never runs model code.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
+
+import torch
+
+from .backbone import MambaLM
+from .backbone.graphs import CapturedDecoder
+from .deliberation import DeliberationConfig
+from .sampling import SamplingParams, sample_batch
+from .state import RecurrentState
+from .stopping import StopMatcher
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+PLANNER_CLOSE_TIMEOUT_S = 5.0
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full; try again after `retry_after_s`."""
+
+    def __init__(self, waiting: int, retry_after_s: int):
+        super().__init__(f"the server is busy: {waiting} requests are already waiting")
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down and takes no new sessions."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_sessions: int = 64          # slot pool rows = sessions decoded together
+    queue_size: int = 256           # sessions allowed to wait for a slot
+    prefill_chunk: int = 256        # prompt tokens prefilled per iteration
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 1024
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "prefill_chunk", "max_prompt_tokens", "max_new_tokens", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    deliberation: DeliberationConfig | None = None  # None: no planner for this session
+
+
+# ---- events handed to the session's queue -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str       # text released with this token ("" while a UTF-8 character or a stop string is pending)
+    position: int   # index of this token in the whole sequence (prompt tokens first)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float                # submitted -> slot taken
+    ttft_s: float | None          # submitted -> first token
+    mean_itl_s: float | None      # mean gap between consecutive tokens
+    tokens_per_s: float | None    # decode rate after the first token
+    total_s: float                # submitted -> finished
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: str            # "stop" (eos or stop string), "length", "cancelled"
+    usage: Usage
+    timings: Timings
+    deliberation: dict | None     # the deliberator's counters, when deliberation ran
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str
+    code: str                     # "shutdown" | "internal_error"
+
+
+class Deliberator(Protocol):
+    """A session's planner (crsm_core.deliberation.SessionDeliberator). Created on the event loop;
+    `apply_due` and `observe` are called from the generator thread, `close` on the loop."""
+
+    def apply_due(self, position: int, state_row: RecurrentState,
+                  generated_tokens: list[int]) -> tuple[list, int | None]:
+        """state_row (1 row) holds S_position; token `position` is not chosen yet. Blends what is due
+        (in place); generated_tokens[i] is the token at position i, prompt included.
+        Returns (injection events, the suggested token or None)."""
+
+    def observe(self, position: int, state_row: RecurrentState, logits: torch.Tensor) -> None:
+        """Same moment, after apply_due: logits [1, V] is the distribution of token `position`.
+        Starts a plan from a copy when the planner is idle; never waits."""
+
+    async def close(self) -> list:
+        """Stop planning; returns the events of entries resolved at close."""
+
+    def counters(self) -> dict[str, int]: ...
+
+
+DeliberatorFactory = Callable[[GenerationRequest], Deliberator]
+
+
+class EngineListener(Protocol):
+    """Observes sessions for metrics. Called from the generator thread or the event loop."""
+
+    def injection(self, event: object) -> None: ...
+
+    def planner_error(self) -> None: ...
+
+    def session_ended(self, session: "Session") -> None:
+        """Before the session's final event is sent."""
+
+
+class SessionStatus(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Completion:
+    """Everything a finished session produced (for answers that are not streamed)."""
+    text: str
+    token_ids: list[int]
+    injections: list
+    done: DoneEvent
+
+
+class GenerationFailed(RuntimeError):
+    def __init__(self, event: ErrorEvent):
+        super().__init__(event.message)
+        self.event = event
+
+
+class Session:
+    """One generation. Created by `Engine.submit`; read with `stream()` or `collect()` on the event loop."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, engine: "Engine",
+                 tokenizer: Tokenizer, device: torch.device):
+        self.id = uuid.uuid4().hex
+        self.request = request
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.status = SessionStatus.WAITING
+        self.row: int | None = None
+        self.tokens: list[int] = []                       # generated
+        self.sequence: list[int] = list(request.prompt_ids)  # by position: prompt, then generated
+        self.injections: list = []
+        self.finish_reason: str | None = None
+        self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None
+        self.token_times: list[float] = []
+        self.finished_at: float | None = None
+        self.deliberator: Deliberator | None = None
+        self.planner_failed = False  # its deliberator raised; the session continues without it
+        self._cancel_requested = False
+        self._loop = loop
+        self._engine = engine
+        # generator-thread state
+        self._prefilled = 0
+        self._scratch: RecurrentState | None = None
+        self._generator = request.sampling.make_generator(device)
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stops = StopMatcher(request.stop)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel_requested
+
+    def cancel(self) -> None:
+        """Leave the batch before the next step (thread-safe; no effect once finished)."""
+        if self.status is not SessionStatus.FINISHED:
+            self._cancel_requested = True
+            self._engine._wake()
+
+    async def stream(self) -> AsyncIterator[TokenEvent | DoneEvent | ErrorEvent | object]:
+        """Every event, ending with exactly one DoneEvent or ErrorEvent."""
+        while True:
+            event = await self.events.get()
+            yield event
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                return
+
+    async def collect(self) -> Completion:
+        text: list[str] = []
+        injections: list = []
+        async for event in self.stream():
+            if isinstance(event, TokenEvent):
+                text.append(event.text)
+            elif isinstance(event, DoneEvent):
+                return Completion("".join(text), list(self.tokens), injections, event)
+            elif isinstance(event, ErrorEvent):
+                raise GenerationFailed(event)
+            else:
+                injections.append(event)
+        raise AssertionError("unreachable: stream() ends with a final event")
+
+    def timings(self) -> Timings:
+        end = self.finished_at or time.perf_counter()
+        first = self.token_times[0] if self.token_times else None
+        n = len(self.token_times)
+        span = self.token_times[-1] - first if n > 1 else None
+        return Timings(
+            queue_s=(self.admitted_at or end) - self.submitted_at,
+            ttft_s=None if first is None else first - self.submitted_at,
+            mean_itl_s=None if span is None else span / (n - 1),
+            tokens_per_s=None if not span else (n - 1) / span,
+            total_s=end - self.submitted_at,
+        )
+
+    def inter_token_latencies(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    def _emit(self, event: object) -> None:
+        """From the generator thread: hand an event to the session's loop."""
+        if self._loop.is_closed():
+            log.warning("session %s: event loop closed; dropping %s", self.id, type(event).__name__)
+            return
+        self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    def __init__(self, model: MambaLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 deliberator_factory: DeliberatorFactory | None = None,
+                 listener: EngineListener | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = model.device
+        self.vocab_size = model.config.vocab_size
+        self._deliberator_factory = deliberator_factory
+        self._listener = listener
+        n = config.max_sessions
+        with torch.no_grad():
+            self.pool = model.allocate_state(n)
+            self._tokens = torch.zeros(n, dtype=torch.long, device=self.device)                 # [n]
+            self._logits = torch.zeros(n, self.vocab_size, dtype=torch.float32, device=self.device)  # [n, V]
+        # On CUDA the decode step replays a graph captured per batch-size bucket over pool rows [0:bucket]
+        # (captured here); elsewhere it is the eager step on the same rows.
+        self._stepper = CapturedDecoder(model, max_batch=n, pool=self.pool)
+        self._cond = threading.Condition()
+        self._waiting: deque[Session] = deque()     # guarded by _cond
+        self._prefilling: deque[Session] = deque()  # generator thread only
+        self._running: list[Session] = []           # generator thread only; _running[i].row == i
+        self._accepting = True
+        self._stopping = False
+        self._open_planners = 0
+        self._planner_lock = threading.Lock()
+        self.decode_steps = 0
+        self._thread = threading.Thread(target=self._run, name="crsm-generator", daemon=True)
+
+    # ---- event-loop side ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_active(self) -> int:
+        """Sessions holding a slot (prefilling or decoding)."""
+        return len(self._prefilling) + len(self._running)
+
+    @property
+    def num_planners(self) -> int:
+        """Deliberators created and not yet closed."""
+        return self._open_planners
+
+    def validate(self, request: GenerationRequest) -> None:
+        c = self.config
+        if not request.prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        if len(request.prompt_ids) > c.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(request.prompt_ids)} tokens; the limit is "
+                               f"{c.max_prompt_tokens}", "prompt")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token ids outside the vocabulary [0, {self.vocab_size}): {bad[:8]}", "token_ids")
+        if not 1 <= request.max_tokens <= c.max_new_tokens:
+            raise RequestError(f"max_tokens must be in [1, {c.max_new_tokens}], got {request.max_tokens}",
+                               "max_tokens")
+
+    def submit(self, request: GenerationRequest) -> Session:
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Session]:
+        """Queue sessions, all or none. Call from the event loop. Raises RequestError, QueueFull, EngineClosed."""
+        for request in requests:
+            self.validate(request)
+            if request.deliberation is not None and self._deliberator_factory is None:
+                raise RequestError("deliberation is not available on this server", "deliberation")
+        loop = asyncio.get_running_loop()
+        sessions = [Session(r, loop, self, self.tokenizer, self.device) for r in requests]
+        with self._cond:
+            if not self._accepting:
+                raise EngineClosed("the server is shutting down")
+            if len(self._waiting) + len(sessions) > self.config.queue_size:
+                raise QueueFull(len(self._waiting), self.config.retry_after_s)
+            made: list[Deliberator] = []
+            try:
+                for session in sessions:  # made here, on the loop: a deliberator's planner task lives there
+                    if session.request.deliberation is not None:
+                        session.deliberator = self._deliberator_factory(session.request)
+                        made.append(session.deliberator)
+            except Exception:
+                for deliberator in made:
+                    loop.create_task(deliberator.close())
+                raise
+            with self._planner_lock:
+                self._open_planners += len(made)
+            self._waiting.extend(sessions)
+            self._cond.notify()
+        return sessions
+
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Take no new sessions; let the queued and running ones finish for up to drain_timeout_s; end the
+        rest with an ErrorEvent; stop the generator thread and wait for the planners to close."""
+        with self._cond:
+            self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while (self.num_waiting or self.num_active) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
+        planners_deadline = time.monotonic() + PLANNER_CLOSE_TIMEOUT_S
+        while self.num_planners and time.monotonic() < planners_deadline:
+            await asyncio.sleep(0.01)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ---- generator thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log.info("generator started: %d slots, prefill chunk %d", self.config.max_sessions, self.config.prefill_chunk)
+        with torch.no_grad():
+            while True:
+                with self._cond:
+                    while not self._stopping and not (self._waiting or self._prefilling or self._running):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._admit_locked()
+                try:
+                    self._drop_cancelled()
+                    self._prefill_some()
+                    self._decode_round()
+                except Exception:  # a failed step must not take the server down: end the affected sessions
+                    log.exception("generation step failed; ending the sessions in the batch")
+                    for session in list(self._running) + list(self._prefilling):
+                        self._end(session, error=ErrorEvent("internal error during generation", "internal_error"))
+            with self._cond:
+                leftovers = list(self._waiting)
+                self._waiting.clear()
+            for session in leftovers + list(self._prefilling) + list(self._running):
+                self._end(session, error=ErrorEvent("the server is shutting down", "shutdown"))
+        log.info("generator stopped")
+
+    def _admit_locked(self) -> None:
+        kept: deque[Session] = deque()
+        while self._waiting:
+            session = self._waiting.popleft()
+            if session.cancelled:
+                self._end(session, reason="cancelled")
+            elif self.num_active < self.config.max_sessions:
+                session.status = SessionStatus.PREFILLING
+                session.admitted_at = time.perf_counter()
+                self._prefilling.append(session)
+            else:
+                kept.append(session)
+        self._waiting.extend(kept)
+
+    def _drop_cancelled(self) -> None:
+        for session in [s for s in self._prefilling if s.cancelled]:
+            self._end(session, reason="cancelled")
+        for session in sorted((s for s in self._running if s.cancelled), key=lambda s: -s.row):
+            self._end(session, reason="cancelled")
+
+    def _prefill_some(self) -> None:
+        budget = self.config.prefill_chunk
+        while budget > 0 and self._prefilling:
+            session = self._prefilling[0]
+            prompt = session.request.prompt_ids
+            if session._scratch is None:
+                session._scratch = self.model.allocate_state(1)
+            n = min(budget, len(prompt) - session._prefilled)
+            ids = torch.tensor(prompt[session._prefilled:session._prefilled + n], dtype=torch.long,
+                               device=self.device)[None]                     # [1, n]
+            logits = self.model.prefill(ids, session._scratch)               # [1, V]
+            session._prefilled += n
+            budget -= n
+            if session._prefilled == len(prompt):
+                self._prefilling.popleft()
+                self._start_running(session, logits)
+
+    def _start_running(self, session: Session, logits: torch.Tensor) -> None:
+        """logits: [1, V] at the last prompt position. Takes the next row of the contiguous pool."""
+        row = len(self._running)
+        self.pool.rows(slice(row, row + 1)).copy_(session._scratch)
+        self._logits[row].copy_(logits[0])
+        session._scratch = None
+        session.row = row
+        session.status = SessionStatus.RUNNING
+        self._running.append(session)
+
+    def _row_state(self, row: int) -> RecurrentState:
+        return self.pool.rows(slice(row, row + 1))
+
+    def _decode_round(self) -> None:
+        if not self._running:
+            return
+        suggestions: dict[int, int] = {}
+        for session in self._running:
+            if session.deliberator is not None and not session.planner_failed:
+                suggestion = self._deliberate(session)
+                if suggestion is not None:
+                    suggestions[session.row] = suggestion
+        n = len(self._running)
+        chosen = sample_batch(self._logits[:n], [s.request.sampling for s in self._running],
+                              [s._generator for s in self._running]).tolist()
+        now = time.perf_counter()
+        finished: list[tuple[Session, str]] = []
+        for session, token in zip(self._running, chosen):
+            reason = self._take_token(session, suggestions.get(session.row, token), now)
+            if reason is not None:
+                finished.append((session, reason))
+        for session, reason in sorted(finished, key=lambda f: -f[0].row):
+            self._end(session, reason=reason)
+        n = len(self._running)
+        if n == 0:
+            return
+        self._tokens[:n].copy_(torch.tensor([s.tokens[-1] for s in self._running], dtype=torch.long))
+        self._logits[:n].copy_(self._decode(n))
+
+    def _deliberate(self, session: Session) -> int | None:
+        """Due injections into the session's row, then a planner snapshot. Returns a suggested token."""
+        position, row = len(session.sequence), session.row
+        try:
+            events, suggestion = session.deliberator.apply_due(position, self._row_state(row), session.sequence)
+            session.deliberator.observe(position, self._row_state(row), self._logits[row:row + 1])
+        except Exception:  # one session's planner must not stop the batch: that session goes on without it
+            log.exception("session %s: the planner failed at position %d; continuing without it", session.id,
+                          position)
+            session.planner_failed = True
+            if self._listener is not None:
+                self._listener.planner_error()
+            return None
+        for event in events:
+            self._injection(session, event)
+        return suggestion
+
+    def _decode(self, n: int) -> torch.Tensor:
+        """One batched step over pool rows [0, n): consumes self._tokens[:n], advances those rows in place.
+        Returns logits [n, V]."""
+        self.decode_steps += 1
+        return self._stepper.step(self._tokens[:n])
+
+    def _take_token(self, session: Session, token: int, now: float) -> str | None:
+        """Record the token chosen for a session and stream it. Returns a finish reason or None."""
+        position = len(session.sequence)
+        session.tokens.append(token)
+        session.sequence.append(token)
+        session.token_times.append(now)
+        is_eos = token == self.tokenizer.eos_id and not session.request.ignore_eos
+        text, matched = session._stops.push("" if is_eos else session._decoder.push(token))
+        reason = "stop" if (matched or is_eos) else (
+            "length" if len(session.tokens) >= session.request.max_tokens else None)
+        if reason is not None and not matched:
+            tail, matched = session._stops.push(session._decoder.flush())
+            text += tail if matched else tail + session._stops.flush()
+            reason = "stop" if matched else reason
+        session._emit(TokenEvent(token, text, position))
+        return reason
+
+    def _end(self, session: Session, reason: str | None = None, error: ErrorEvent | None = None) -> None:
+        """Finish a session in any state: free its row (moving the last running row into it), close its
+        planner, send the final event."""
+        if session.status is SessionStatus.RUNNING:
+            row, last = session.row, len(self._running) - 1
+            if row != last:
+                moved = self._running[last]
+                self._row_state(row).copy_(self._row_state(last))
+                self._logits[row].copy_(self._logits[last])
+                self._running[row] = moved
+                moved.row = row
+            self._running.pop()
+        elif session.status is SessionStatus.PREFILLING:
+            self._prefilling.remove(session)
+            session._scratch = None
+        session.row = None
+        session.status = SessionStatus.FINISHED
+        session.finished_at = time.perf_counter()
+        session.finish_reason = reason if error is None else "error"
+        final = error or DoneEvent(reason, Usage(session.prompt_tokens, len(session.tokens)), session.timings(), None)
+        if session.deliberator is None:
+            self._finish(session, final)
+        elif session._loop.is_closed():
+            self._planner_closed()
+            self._finish(session, final)
+        else:
+            asyncio.run_coroutine_threadsafe(self._close_planner_then_finish(session, final), session._loop)
+
+    def _finish(self, session: Session, final: DoneEvent | ErrorEvent) -> None:
+        if self._listener is not None:  # before the final event: a client that has it sees the metrics
+            self._listener.session_ended(session)
+        session._emit(final)
+
+    def _injection(self, session: Session, event: object) -> None:
+        session.injections.append(event)
+        if self._listener is not None:
+            self._listener.injection(event)
+        session._emit(event)
+
+    async def _close_planner_then_finish(self, session: Session, final: DoneEvent | ErrorEvent) -> None:
+        """On the session's loop: stop the planner, stream the entries it resolved on closing, then the
+        final event with the deliberation counters."""
+        try:
+            for event in await session.deliberator.close():
+                self._injection(session, event)
+            if isinstance(final, DoneEvent):
+                final = dataclasses.replace(final, deliberation=session.deliberator.counters())
+        except Exception:  # the session still gets its final event; the planner's failure is logged
+            log.exception("closing the planner of session %s failed", session.id)
+        finally:
+            self._planner_closed()
+            self._finish(session, final)
+
+    def _planner_closed(self) -> None:
+        with self._planner_lock:
+            self._open_planners -= 1

@@ -1,0 +1,101 @@
+"""`crsm serve`: the server under uvicorn.
+
+On SIGTERM or SIGINT the engine drains (up to `shutdown_drain_s`) and ends every still-open stream
+with a final event before uvicorn waits for the connections to close, so no client is left hanging.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from crsm_core.checkpoint import CheckpointError, load_config
+
+from .app import create_app
+from .runtime import Loader, Runtime, load_model
+from .settings import ServerSettings, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server that first asks the runtime to end the open streams when told to exit."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime):
+        super().__init__(config)
+        self.runtime = runtime
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def request_exit(self) -> None:
+        """Thread-safe: drain, end open streams, then stop."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.runtime.begin_shutdown)
+        self.should_exit = True
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        log.info("signal %d: draining and closing open streams", sig)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.runtime.begin_shutdown)
+        super().handle_exit(sig, frame)
+
+
+def build_server(settings: ServerSettings, log_level: str = "info", loader: Loader = load_model) -> GracefulServer:
+    app = create_app(settings, loader)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=int(settings.shutdown_drain_s) + 5, lifespan="on")
+    return GracefulServer(config, app.state.runtime)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = ServerSettings.from_env(
+            model_dir=args.model, model_name=args.model_name, device=args.device, host=args.host, port=args.port,
+            max_sessions=args.max_sessions,
+            max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+            queue_size=args.queue_size, prefill_chunk=args.prefill_chunk, shutdown_drain_s=args.shutdown_drain_s,
+            torch_threads=args.torch_threads,
+            deliberation_enabled=args.deliberation, deliberation_lag=args.deliberation_lag,
+            deliberation_simulations=args.deliberation_simulations,
+            deliberation_injection_rate=args.injection_rate, deliberation_use_suggestions=args.use_suggestions)
+    except SettingsError as e:
+        log.error("%s", e)
+        return 2
+    try:
+        load_config(settings.model_dir)  # fail now, not after the server has started
+    except CheckpointError as e:
+        log.error("cannot serve: %s", e)
+        return 2
+    build_server(settings, args.log_level).run()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `serve`. Flags left out fall back to CRSM_<NAME> environment variables, then the defaults."""
+    p = subparsers.add_parser("serve", help="run the HTTP server (OpenAI-compatible and native SSE API)")
+    p.add_argument("--model", type=Path, help="model directory (default: models/default in the repository)")
+    p.add_argument("--model-name", help="the model id clients use (default: the directory's name)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--max-sessions", type=int, help="sessions decoded together (slot pool rows)")
+    p.add_argument("--max-prompt-tokens", type=int)
+    p.add_argument("--max-new-tokens", type=int, help="the largest max_tokens a request may ask for")
+    p.add_argument("--queue-size", type=int, help="requests allowed to wait for a slot before 429")
+    p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled between two decode steps")
+    p.add_argument("--shutdown-drain-s", type=float, help="seconds running sessions get to finish on shutdown")
+    p.add_argument("--torch-threads", type=int, help="CPU threads for model work (default: torch's)")
+    p.add_argument("--deliberation", action=argparse.BooleanOptionalAction, default=None,
+                   help="deliberation on by default for requests that do not say")
+    p.add_argument("--deliberation-lag", type=int)
+    p.add_argument("--deliberation-simulations", type=int)
+    p.add_argument("--injection-rate", type=float)
+    p.add_argument("--use-suggestions", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=_serve)

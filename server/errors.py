@@ -1,0 +1,87 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+Bad input of any kind (malformed JSON, schema violations, values the engine cannot run) is a 400;
+a full queue is a 429 and a model still loading (or a server shutting down) a 503, both with
+Retry-After. Only a bug is a 500.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from crsm_core.engine import EngineClosed, QueueFull, RequestError
+
+log = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = INVALID_REQUEST, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def not_ready(message: str, code: str, retry_after_s: int) -> APIError:
+    return APIError(503, message, "service_unavailable", code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+def from_engine(error: RequestError | QueueFull | EngineClosed, param_names: dict[str, str] | None = None) -> APIError:
+    """Map the engine's refusals to HTTP; param_names renames the engine's field names for an API."""
+    if isinstance(error, QueueFull):
+        return APIError(429, str(error), "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, EngineClosed):
+        return not_ready(str(error), "shutting_down", 1)
+    param = (param_names or {}).get(error.param, error.param)
+    return APIError(400, str(error), INVALID_REQUEST, param=param, code="invalid_value")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
+                        code="json_invalid")
+    where = ".".join(loc)
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    extra = len(exc.errors()) - 1
+    if extra:
+        message += f" (and {extra} more problem{'s' if extra > 1 else ''})"
+    return APIError(400, message, param=where or None, code=first.get("type"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else INVALID_REQUEST
+        return APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return APIError(500, "internal server error", "internal_error").response()

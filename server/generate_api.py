@@ -1,0 +1,90 @@
+"""`POST /v1/generate`, the native API.
+
+Without `stream`: one JSON answer (GenerateResponse). With `stream`: Server-Sent Events
+  event: token      data: {"text", "token_id", "position"}   one per generated token, in order
+  event: injection  data: {"position", "target_position", "outcome", "alpha", "lateness", "reason"}
+  event: done       data: {"finish_reason", "usage", "timings", "deliberation"}   last
+  event: error      data: {"error": {"message", "type", "param", "code"}}         last, instead of done
+Concatenating the token texts gives the answer's text; `done.usage.completion_tokens` equals the number
+of token events.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, Session, TokenEvent
+from crsm_core.injection import InjectionEvent
+
+from .errors import APIError, error_body
+from .runtime import runtime_of
+from .schemas import GenerateRequest, GenerateResponse, Timings, Usage
+from .streaming import sse, sse_response, unless_disconnected
+
+router = APIRouter()
+
+
+def usage_of(done: DoneEvent) -> Usage:
+    u = done.usage
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+
+
+def done_payload(done: DoneEvent) -> dict:
+    return {"finish_reason": done.finish_reason, "usage": usage_of(done).model_dump(),
+            "timings": dataclasses.asdict(done.timings), "deliberation": done.deliberation}
+
+
+def injection_payload(event: InjectionEvent) -> dict:
+    return event.to_dict()
+
+
+def error_payload(event: ErrorEvent) -> dict:
+    kind = "service_unavailable" if event.code == "shutdown" else "internal_error"
+    return error_body(event.message, kind, None, event.code)
+
+
+def failure(error: GenerationFailed) -> APIError:
+    status = 503 if error.event.code == "shutdown" else 500
+    body = error_payload(error.event)["error"]
+    return APIError(status, body["message"], body["type"], code=body["code"])
+
+
+@router.post("/v1/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request):
+    runtime = runtime_of(request)
+    _, tokenizer = runtime.require_engine()
+    ids = body.token_ids if body.token_ids is not None else tokenizer.encode(body.prompt)
+    gen = runtime.generation_request(ids, max_tokens=body.max_tokens, temperature=body.temperature,
+                                     top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+                                     ignore_eos=body.ignore_eos, deliberation=body.deliberation)
+    param_names = {"prompt": "token_ids"} if body.token_ids is not None else {"token_ids": "prompt"}
+    [session] = runtime.submit([gen], param_names)
+    if body.stream:
+        return sse_response(_events(session))
+    try:
+        completion: Completion = await unless_disconnected(request, session.collect(), [session])
+    except GenerationFailed as e:
+        raise failure(e) from e
+    return GenerateResponse(
+        id=f"gen-{session.id}", model=runtime.model_name, text=completion.text, token_ids=completion.token_ids,
+        finish_reason=completion.done.finish_reason, usage=usage_of(completion.done),
+        timings=Timings(**dataclasses.asdict(completion.done.timings)),
+        injections=[injection_payload(e) for e in completion.injections],
+        deliberation=completion.done.deliberation)
+
+
+async def _events(session: Session) -> AsyncIterator[str]:
+    try:
+        async for event in session.stream():
+            if isinstance(event, TokenEvent):
+                yield sse({"text": event.text, "token_id": event.token_id, "position": event.position}, "token")
+            elif isinstance(event, DoneEvent):
+                yield sse(done_payload(event), "done")
+            elif isinstance(event, ErrorEvent):
+                yield sse(error_payload(event), "error")
+            else:
+                yield sse(injection_payload(event), "injection")
+    finally:
+        session.cancel()  # the client left (or the stream ended: then a no-op)

@@ -1,0 +1,135 @@
+"""Prometheus metrics, `crsm_` prefix, one CollectorRegistry per app (tests run several apps in a process).
+
+Token, latency and injection metrics are recorded when a session ends (from the generator thread;
+prometheus-client is thread-safe); request counts and request latency by an ASGI middleware.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from crsm_core.engine import Engine, Session
+from crsm_core.injection import InjectionEvent, InjectionOutcome
+
+# Decoding is millisecond-scale: fine buckets from 0.5 ms, coarse ones up to whole requests.
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LAG_TOKEN_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+LAG_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+ACCEPTED = (InjectionOutcome.APPLIED, InjectionOutcome.APPLIED_LATE)
+GENERATION_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/generate"})
+# The status recorded for a request whose client left before any response was sent.
+CLIENT_CLOSED = 499
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("crsm_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("crsm_prompt_tokens", "Prompt tokens of finished sessions", registry=r)
+        self.generated_tokens = Counter("crsm_generated_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("crsm_time_to_first_token_seconds", "Submission to first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("crsm_inter_token_latency_seconds", "Gap between consecutive tokens of a session",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.request_latency = Histogram("crsm_request_latency_seconds",
+                                         "Generation requests, arrival to last byte", buckets=REQUEST_BUCKETS,
+                                         registry=r)
+        self.running = Gauge("crsm_running_sessions", "Sessions holding a slot (prefilling or decoding)",
+                             registry=r)
+        self.waiting = Gauge("crsm_waiting_sessions", "Sessions waiting for a slot", registry=r)
+        self.planner_tasks = Gauge("crsm_planner_tasks", "Per-session planners alive", registry=r)
+        self.injections = Counter("crsm_injections", "Planner results by injection outcome", ["outcome"],
+                                  registry=r)
+        self.acceptance = Gauge("crsm_injection_acceptance_ratio",
+                                "Applied (on time or late) over all planner results so far", registry=r)
+        self.planner_lag_tokens = Histogram("crsm_planner_lag_tokens",
+                                            "Positions between a planner's snapshot and the use of its result",
+                                            buckets=LAG_TOKEN_BUCKETS, registry=r)
+        self.planner_lag_seconds = Histogram("crsm_planner_lag_seconds",
+                                             "Time between a planner's snapshot and the use of its result",
+                                             buckets=LAG_SECONDS_BUCKETS, registry=r)
+        self.planner_simulations = Counter("crsm_planner_simulations", "MCTS simulations run", registry=r)
+        self.planner_errors = Counter("crsm_planner_errors", "Planner searches that failed", registry=r)
+        for gauge in (self.running, self.waiting, self.planner_tasks):
+            gauge.set(0)
+        for outcome in InjectionOutcome:
+            self.injections.labels(outcome.value)
+        self.acceptance.set(0)
+        self._lock = threading.Lock()
+        self._resolved = self._accepted = 0
+
+    def bind(self, engine: Engine) -> None:
+        """Read the live gauges from the engine at scrape time."""
+        self.running.set_function(lambda: engine.num_active)
+        self.waiting.set_function(lambda: engine.num_waiting)
+        self.planner_tasks.set_function(lambda: engine.num_planners)
+
+    def injection(self, event: InjectionEvent) -> None:
+        """Every planner result, when the generator (or the session's close) resolves it."""
+        self.injections.labels(event.outcome.value).inc()
+        with self._lock:
+            self._resolved += 1
+            self._accepted += event.outcome in ACCEPTED
+            self.acceptance.set(self._accepted / self._resolved)
+        self.planner_lag_tokens.observe(event.position - event.captured_position)
+        self.planner_lag_seconds.observe(event.latency_s)
+
+    def planner_error(self) -> None:
+        """A planner call in the generator failed (the session went on without its planner)."""
+        self.planner_errors.inc()
+
+    def session_ended(self, session: Session) -> None:
+        self.prompt_tokens.inc(session.prompt_tokens)
+        self.generated_tokens.inc(len(session.tokens))
+        ttft = session.timings().ttft_s
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        for gap in session.inter_token_latencies():
+            self.itl.observe(gap)
+        if session.deliberator is not None:
+            counters = session.deliberator.counters()
+            self.planner_errors.inc(counters["failed"])
+            self.planner_simulations.inc(counters["simulations"])
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by route template and status; times generation requests to the last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status: int | None = None
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except Exception:
+            status = status or 500  # the outer error middleware answers 500
+            raise
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(endpoint, str(status or CLIENT_CLOSED)).inc()
+            if endpoint in GENERATION_ENDPOINTS:
+                self.metrics.request_latency.observe(time.perf_counter() - start)

@@ -1,0 +1,169 @@
+"""OpenAI-compatible endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+
+Every (prompt, n) pair is one engine session; all of a request's sessions are queued together (or the
+request is refused with 429). With a seed and n > 1, choice j uses seed + j. Streams end with
+`data: [DONE]`; with `stream_options.include_usage` the chunk before it has empty choices and the
+usage. A generation that fails mid-stream sends `data: {"error": ...}` before `[DONE]`.
+Chat uses the template in chat_template.py.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+
+from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, Session, TokenEvent
+
+from .chat_template import CHAT_STOPS, render_chat
+from .generate_api import error_payload, failure
+from .runtime import Runtime, runtime_of
+from .schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                      ChatCompletionResponse, ChatDelta, ChatMessageOut, CompletionChoice, CompletionRequest,
+                      CompletionResponse, ModelCard, ModelList, Usage, _OpenAIRequest)
+from .streaming import merge, sse, sse_response, unless_disconnected
+
+router = APIRouter()
+DONE = "data: [DONE]\n\n"
+# The engine names prompt problems "prompt" or "token_ids"; OpenAI calls both "prompt".
+PARAM_NAMES = {"token_ids": "prompt"}
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    runtime = runtime_of(request)
+    return ModelList(data=[ModelCard(id=runtime.model_name, created=runtime.created)])
+
+
+def _submit(runtime: Runtime, body: _OpenAIRequest, prompts: list[list[int]], max_tokens: int | None,
+            extra_stops: tuple[str, ...] = ()) -> list[Session]:
+    requests = [runtime.generation_request(
+        ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        seed=None if body.seed is None else body.seed + j, stop=list(body.stop) + list(extra_stops),
+        ignore_eos=body.ignore_eos) for ids in prompts for j in range(body.n)]
+    return runtime.submit(requests, PARAM_NAMES)
+
+
+def _usage(prompts: list[list[int]], completions_tokens: int) -> Usage:
+    prompt_tokens = sum(len(p) for p in prompts)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completions_tokens,
+                 total_tokens=prompt_tokens + completions_tokens)
+
+
+async def _collect(request: Request, sessions: list[Session]) -> list[Completion]:
+    async def all_of() -> list[Completion]:
+        return [await s.collect() for s in sessions]
+
+    try:
+        return await unless_disconnected(request, all_of(), sessions)
+    except GenerationFailed as e:
+        raise failure(e) from e
+
+
+async def _stream(sessions: list[Session], prompts: list[list[int]], include_usage: bool,
+                  chunk: Callable[[int, str | None, str | None], str], opening: list[str],
+                  usage_chunk: Callable[[Usage], str]) -> AsyncIterator[str]:
+    """chunk(index, text or None, finish_reason) -> SSE message; opening: messages sent first."""
+    completion_tokens = 0
+    try:
+        for message in opening:
+            yield message
+        async for index, event in merge(sessions):
+            if isinstance(event, TokenEvent):
+                completion_tokens += 1
+                if event.text:
+                    yield chunk(index, event.text, None)
+            elif isinstance(event, DoneEvent):
+                yield chunk(index, None, event.finish_reason)
+            elif isinstance(event, ErrorEvent):
+                yield sse(error_payload(event))
+                break
+        if include_usage:
+            yield usage_chunk(_usage(prompts, completion_tokens))
+        yield DONE
+    finally:
+        for session in sessions:
+            session.cancel()
+
+
+def _chunk_dict(chunk: CompletionResponse | ChatCompletionChunk, include_usage: bool) -> dict:
+    """As OpenAI: `usage` (null until the last chunk) only when asked for; deltas carry only what is set."""
+    data = chunk.model_dump()
+    if not include_usage:
+        data.pop("usage")
+    for choice in data["choices"]:
+        if "delta" in choice:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return data
+
+
+# ---- /v1/completions ----------------------------------------------------------------------------------
+
+@router.post("/v1/completions", response_model=CompletionResponse)
+async def completions(body: CompletionRequest, request: Request):
+    runtime = runtime_of(request)
+    runtime.check_model(body.model)
+    _, tokenizer = runtime.require_engine()
+    raw = body.prompt
+    if isinstance(raw, str):
+        prompts = [tokenizer.encode(raw)]
+    elif all(isinstance(p, str) for p in raw):
+        prompts = [tokenizer.encode(p) for p in raw]
+    elif all(isinstance(p, int) for p in raw):
+        prompts = [list(raw)]
+    else:
+        prompts = [list(p) for p in raw]
+    echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
+    sessions = _submit(runtime, body, prompts, body.max_tokens)
+    cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
+
+    if body.stream:
+        def chunk(index: int, text: str | None, finish: str | None) -> str:
+            choice = CompletionChoice(index=index, text=text or "", finish_reason=finish)
+            return sse(_chunk_dict(CompletionResponse(id=cid, created=created, model=model, choices=[choice]),
+                                   body.include_usage))
+
+        def usage_chunk(usage: Usage) -> str:
+            return sse(CompletionResponse(id=cid, created=created, model=model, choices=[], usage=usage).model_dump())
+
+        opening = [chunk(i, echoes[i // body.n], None) for i in range(len(sessions)) if echoes[i // body.n]]
+        return sse_response(_stream(sessions, prompts, body.include_usage, chunk, opening, usage_chunk))
+
+    done = await _collect(request, sessions)
+    choices = [CompletionChoice(index=i, text=echoes[i // body.n] + c.text, finish_reason=c.done.finish_reason)
+               for i, c in enumerate(done)]
+    return CompletionResponse(id=cid, created=created, model=model, choices=choices,
+                              usage=_usage(prompts, sum(c.done.usage.completion_tokens for c in done)))
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------------------
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    runtime = runtime_of(request)
+    runtime.check_model(body.model)
+    _, tokenizer = runtime.require_engine()
+    prompts = [tokenizer.encode(render_chat([(m.role, m.text()) for m in body.messages]))]
+    max_tokens = body.max_completion_tokens or body.max_tokens or runtime.settings.max_new_tokens
+    sessions = _submit(runtime, body, prompts, max_tokens, CHAT_STOPS)
+    cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
+
+    if body.stream:
+        def message(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)
+            return sse(_chunk_dict(c, body.include_usage))
+
+        def chunk(index: int, text: str | None, finish: str | None) -> str:
+            return message([ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=finish)])
+
+        opening = [message([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+                   for i in range(len(sessions))]
+        return sse_response(_stream(sessions, prompts, body.include_usage, chunk, opening,
+                                    lambda usage: message([], usage)))
+
+    done = await _collect(request, sessions)
+    choices = [ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.done.finish_reason)
+               for i, c in enumerate(done)]
+    return ChatCompletionResponse(id=cid, created=created, model=model, choices=choices,
+                                  usage=_usage(prompts, sum(c.done.usage.completion_tokens for c in done)))

@@ -1,0 +1,151 @@
+"""What the routes share: settings, metrics, and (once loaded in a thread) the model, its tokenizer and
+the engine; plus turning an API request into an engine request (sampling, deliberation defaults)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from fastapi import Request
+
+from crsm_core.deliberation import DeliberationConfig
+from crsm_core.engine import Engine, EngineClosed, EngineConfig, GenerationRequest, QueueFull, RequestError, Session
+from crsm_core.model import CRSMModel
+from crsm_core.sampling import SamplingParams
+from crsm_core.tokenizer import Tokenizer
+
+from .errors import APIError, from_engine, not_ready
+from .metrics import ServerMetrics
+from .schemas import DeliberationRequest
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[ServerSettings], CRSMModel]
+
+
+def load_model(settings: ServerSettings) -> CRSMModel:
+    return CRSMModel.from_pretrained(settings.model_dir, device=settings.torch_device())
+
+
+class Runtime:
+    """What the routes share: settings, metrics, and (once loaded) the tokenizer and the engine."""
+
+    def __init__(self, settings: ServerSettings, loader: Loader):
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+        self.engine: Engine | None = None
+        self.model: CRSMModel | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.load_error: str | None = None
+        self._loader = loader
+        self._load_task: asyncio.Task | None = None
+        self._shutdown: asyncio.Task | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name
+
+    async def load(self) -> None:
+        try:
+            engine = await asyncio.to_thread(self._build)
+        except Exception as e:  # surfaced on /ready; the process stays up to say why
+            log.exception("loading the model from %s failed", self.settings.model_dir)
+            self.load_error = f"{type(e).__name__}: {e}"
+            return
+        self.metrics.bind(engine)
+        engine.start()
+        self.tokenizer, self.engine = engine.tokenizer, engine
+        log.info("ready: serving %s as %r", self.settings.model_dir, self.model_name)
+
+    def _build(self) -> Engine:
+        """In a worker thread: load the model and build the engine (on CUDA this captures its graphs)."""
+        s = self.settings
+        if s.torch_threads is not None:
+            torch.set_num_threads(s.torch_threads)
+        self.model = self._loader(s)
+        if self.model.tokenizer is None:
+            raise ValueError(f"{s.model_dir} has no tokenizer")
+        config = EngineConfig(max_sessions=s.max_sessions, queue_size=s.queue_size, prefill_chunk=s.prefill_chunk,
+                              max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
+                              retry_after_s=s.retry_after_s)
+        # Each deliberating session gets a planner on the model's planner thread (shared by all sessions).
+        return Engine(self.model.backbone, self.model.tokenizer, config,
+                      deliberator_factory=lambda request: self.model.new_deliberator(request.deliberation),
+                      listener=self.metrics)
+
+    def start_loading(self) -> None:
+        self._load_task = asyncio.create_task(self.load())
+
+    def begin_shutdown(self) -> asyncio.Task:
+        """Drain (up to shutdown_drain_s) and stop the engine; every open stream gets its final event.
+        Idempotent; safe to call from a signal handler scheduled on the loop."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.create_task(self._stop())
+        return self._shutdown
+
+    async def _stop(self) -> None:
+        if self._load_task is not None:
+            await self._load_task
+        if self.engine is not None:
+            await self.engine.shutdown(self.settings.shutdown_drain_s)
+        if self.model is not None:
+            await asyncio.to_thread(self.model.close)
+
+    def require_engine(self) -> tuple[Engine, Tokenizer]:
+        if self.engine is None or self.tokenizer is None:
+            if self.load_error is not None:
+                raise not_ready(f"the model failed to load: {self.load_error}", "model_load_failed",
+                                self.settings.retry_after_s)
+            raise not_ready("the model is loading", "model_loading", self.settings.retry_after_s)
+        return self.engine, self.tokenizer
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(400, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def generation_request(self, prompt_ids: list[int], *, max_tokens: int | None, temperature: float,
+                           top_p: float, top_k: int, seed: int | None, stop: list[str], ignore_eos: bool,
+                           deliberation: DeliberationRequest | None = None) -> GenerationRequest:
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return GenerationRequest(tuple(prompt_ids), max_tokens or self.settings.default_max_tokens, sampling,
+                                 tuple(stop), ignore_eos, self.deliberation_config(deliberation))
+
+    def deliberation_config(self, asked: DeliberationRequest | None) -> DeliberationConfig | None:
+        """The request's fields, else the server's defaults, else the model's; None when it is off."""
+        s, asked = self.settings, asked or DeliberationRequest()
+
+        def pick(value, default):
+            return default if value is None else value
+
+        if not pick(asked.enabled, s.deliberation_enabled):
+            return None
+        base = self.model.config
+        try:
+            return replace(
+                base, enabled=True, lag=pick(asked.lag, pick(s.deliberation_lag, base.lag)),
+                injection_rate=pick(asked.injection_rate, pick(s.deliberation_injection_rate, base.injection_rate)),
+                use_suggestions=pick(asked.use_suggestions, pick(s.deliberation_use_suggestions, base.use_suggestions)),
+                planner=replace(base.planner, n_simulations=pick(asked.simulations,
+                                                                 pick(s.deliberation_simulations,
+                                                                      base.planner.n_simulations))))
+        except ValueError as e:
+            raise APIError(400, str(e), param="deliberation", code="invalid_value") from e
+
+    def submit(self, requests: list[GenerationRequest], param_names: dict[str, str] | None = None) -> list[Session]:
+        engine, _ = self.require_engine()
+        try:
+            return engine.submit_all(requests)
+        except (RequestError, QueueFull, EngineClosed) as e:
+            raise from_engine(e, param_names) from e
+
+
+def runtime_of(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+

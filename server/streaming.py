@@ -1,0 +1,79 @@
+"""Moving session events to HTTP clients: SSE framing, merging several sessions into one stream, and
+cancelling sessions when the client goes away (streaming or not)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from crsm_core.engine import DoneEvent, ErrorEvent, Session
+
+T = TypeVar("T")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    """One SSE message; data is JSON-encoded unless it is already a string."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n"
+
+
+def sse_response(messages: AsyncIterator[str]) -> StreamingResponse:
+    # Starlette cancels the iterator when the client disconnects; its `finally` cancels the sessions.
+    return StreamingResponse(messages, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def merge(sessions: list[Session]) -> AsyncIterator[tuple[int, object]]:
+    """Events of several sessions as (session index, event), each session's in order, until every
+    session has sent its final event."""
+    if len(sessions) == 1:
+        async for event in sessions[0].stream():
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, session: Session) -> None:
+        async for event in session.stream():
+            queue.put_nowait((index, event))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(sessions)]
+    remaining = len(sessions)
+    try:
+        while remaining:
+            index, event = await queue.get()
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                remaining -= 1
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T], sessions: list[Session]) -> T:
+    """Await work; if the client disconnects first, raise ClientGone. The sessions are cancelled either
+    way on exit (a no-op for finished ones), so a vanished client frees its slots at the next step."""
+    work_task = asyncio.ensure_future(work)
+    gone_task = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task in done:
+            return work_task.result()
+        raise ClientGone()
+    finally:
+        for task in (work_task, gone_task):
+            task.cancel()
+        for session in sessions:
+            session.cancel()

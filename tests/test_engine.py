@@ -1,0 +1,348 @@
+"""The engine without HTTP: batched decoding equals one-at-a-time decoding, chunked prefill interleaves
+with decoding, stop/eos/length, cancellation, the bounded queue and shutdown."""
+import asyncio
+import itertools
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from crsm_core.backbone import MambaLM
+from crsm_core.config import tiny_config
+from crsm_core.deliberation import DeliberationConfig, SessionDeliberator
+from crsm_core.engine import (DoneEvent, Engine, EngineClosed, EngineConfig, ErrorEvent, GenerationRequest,
+                              QueueFull, RequestError, TokenEvent)
+from crsm_core.injection import InjectionOutcome
+from crsm_core.model import CRSMModel
+from crsm_core.planner import PlannerConfig
+from crsm_core.sampling import SamplingParams, sample_batch
+from crsm_core.tokenizer import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+ENDLESS = 10**6  # max_tokens of sessions that run until cancelled
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Tiny ops on a shared 2-core machine: a second intra-op thread only adds waiting.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> MambaLM:
+    torch.manual_seed(0)
+    return MambaLM(tiny_config()).eval()
+
+
+def reference_generate(model: MambaLM, prompt: list[int], max_tokens: int, params: SamplingParams) -> list[int]:
+    """Prefill the whole prompt at once, then step one row: no engine involved."""
+    with torch.no_grad():
+        state = model.allocate_state(1)
+        logits = model.prefill(torch.tensor([prompt]), state)
+        generator, tokens = params.make_generator("cpu"), []
+        for _ in range(max_tokens):
+            tokens.append(int(sample_batch(logits, [params], [generator])[0]))
+            logits = model.step(torch.tensor([tokens[-1]]), state)
+    return tokens
+
+
+def request(prompt: str | list[int], max_tokens: int, seed: int | None = 0, temperature: float = 1.0,
+            **kwargs) -> GenerationRequest:
+    ids = TOKENIZER.encode(prompt) if isinstance(prompt, str) else prompt
+    return GenerationRequest(tuple(ids), max_tokens, SamplingParams(temperature=temperature, seed=seed), **kwargs)
+
+
+async def run_engine(model, config: EngineConfig):
+    engine = Engine(model, TOKENIZER, config)
+    engine.start()
+    return engine
+
+
+async def test_batched_generation_equals_reference(model):
+    # 4 slots for 7 sessions of different lengths: sessions wait, join and leave at different steps, so rows
+    # are moved around; prompts are prefilled in chunks of 8 (most take several chunks).
+    engine = await run_engine(model, EngineConfig(max_sessions=4, prefill_chunk=8))
+    try:
+        specs = [(f"prompt {i} " * (i + 1), 5 + 3 * i, i, 0.0 if i % 3 == 0 else 1.0) for i in range(7)]
+        sessions = engine.submit_all([request(p, n, seed, t, ignore_eos=True) for p, n, seed, t in specs])
+        results = await asyncio.gather(*(s.collect() for s in sessions))
+        for (prompt, n, seed, t), result in zip(specs, results):
+            expected = reference_generate(model, TOKENIZER.encode(prompt), n,
+                                          SamplingParams(temperature=t, seed=seed))
+            assert result.token_ids == expected
+            assert result.text == TOKENIZER.decode(expected)
+            assert result.done.finish_reason == "length"
+            assert result.done.usage.completion_tokens == n
+        assert engine.num_active == 0 and engine.num_waiting == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_token_events_carry_positions_and_text(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=2))
+    try:
+        session = engine.submit(request("abc", 6, ignore_eos=True))
+        events = [e async for e in session.stream()]
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        assert [e.position for e in tokens] == [3, 4, 5, 6, 7, 8]
+        assert isinstance(events[-1], DoneEvent) and len(events) == 7
+        assert "".join(e.text for e in tokens) == TOKENIZER.decode([e.token_id for e in tokens])
+        t = events[-1].timings
+        assert 0 <= t.queue_s <= t.ttft_s <= t.total_s and t.mean_itl_s > 0 and t.tokens_per_s > 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_long_prompt_is_prefilled_between_decode_steps(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=2, prefill_chunk=32, max_new_tokens=ENDLESS))
+    try:
+        streaming = engine.submit(request("a", 4000, ignore_eos=True))
+        while len(streaming.tokens) < 3:
+            await asyncio.sleep(0.001)
+        long_prompt = list(range(256)) * 8  # 2048 tokens = 64 chunks
+        late = engine.submit(request(long_prompt, 1))
+        await late.collect()
+        first = late.token_times[0]
+        during = [t for t in streaming.token_times if late.submitted_at <= t <= first]
+        # one chunk per iteration and one token per iteration: the stream kept going meanwhile
+        assert len(during) >= 2048 // 32 - 2
+        streaming.cancel()
+        await streaming.collect()
+    finally:
+        await engine.shutdown()
+
+
+async def test_stop_string_ends_generation_before_it(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=2))
+    try:
+        # find a seed whose output has two printable ASCII bytes in a row, and use them as the stop string
+        for seed in range(200):
+            tokens = reference_generate(model, TOKENIZER.encode("Q:"), 40, SamplingParams(seed=seed))
+            pairs = [i for i in range(2, 39) if all(32 <= t < 127 for t in tokens[i:i + 2])]
+            if pairs:
+                break
+        stop = bytes(tokens[pairs[0]:pairs[0] + 2]).decode()
+        full = (await engine.submit(request("Q:", 40, seed, ignore_eos=True)).collect()).text
+        result = await engine.submit(request("Q:", 40, seed, ignore_eos=True, stop=(stop, "never-there"))).collect()
+        assert result.done.finish_reason == "stop"
+        assert result.text == full[:full.index(stop)]
+        assert stop not in result.text
+    finally:
+        await engine.shutdown()
+
+
+async def test_eos_stops_unless_ignored():
+    # A model whose every distribution is dominated by eos: the residual stream carries a large constant in
+    # dimension 0 and only eos's output row reads it.
+    torch.manual_seed(0)
+    model = MambaLM(tiny_config(tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.backbone.embedding.weight[:, 0] = 1000.0
+        model.lm_head.weight[TOKENIZER.eos_id] = 0.0
+        model.lm_head.weight[TOKENIZER.eos_id, 0] = 100.0
+    engine = await run_engine(model, EngineConfig(max_sessions=2))
+    try:
+        stopped = await engine.submit(request("hi", 5)).collect()
+        assert stopped.token_ids == [TOKENIZER.eos_id] and stopped.text == ""
+        assert stopped.done.finish_reason == "stop" and stopped.done.usage.completion_tokens == 1
+        ignored = await engine.submit(request("hi", 5, ignore_eos=True)).collect()
+        assert ignored.token_ids == [TOKENIZER.eos_id] * 5 and ignored.done.finish_reason == "length"
+    finally:
+        await engine.shutdown()
+
+
+async def test_cancel_leaves_within_one_step_and_frees_the_slot(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=2, max_new_tokens=ENDLESS))
+    try:
+        other = engine.submit(request("keep going", ENDLESS, ignore_eos=True))
+        doomed = engine.submit(request("stop me", ENDLESS, ignore_eos=True))
+        while len(doomed.tokens) < 5:
+            await asyncio.sleep(0.001)
+        steps_at_cancel = len(doomed.tokens)
+        doomed.cancel()
+        done = (await doomed.collect()).done
+        assert done.finish_reason == "cancelled"
+        assert done.usage.completion_tokens <= steps_at_cancel + 1
+        assert engine.num_active == 1
+        # the freed slot is taken by the next session while the other keeps streaming
+        joined = await engine.submit(request("next", 3, ignore_eos=True)).collect()
+        assert joined.done.finish_reason == "length"
+        other.cancel()
+        await other.collect()
+        assert engine.num_active == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_full_queue_refuses_and_cancelled_waiters_leave(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=1, queue_size=1, retry_after_s=3, max_new_tokens=ENDLESS))
+    try:
+        running = engine.submit(request("x", ENDLESS, ignore_eos=True))
+        while not running.tokens:
+            await asyncio.sleep(0.001)
+        waiting = engine.submit(request("y", 4))
+        with pytest.raises(QueueFull) as refused:
+            engine.submit(request("z", 4))
+        assert refused.value.retry_after_s == 3
+        assert engine.num_waiting == 1
+        waiting.cancel()
+        assert (await waiting.collect()).done.finish_reason == "cancelled"
+        assert engine.num_waiting == 0
+        running.cancel()
+        await running.collect()
+    finally:
+        await engine.shutdown()
+
+
+@pytest.mark.parametrize("req, param", [
+    (request([], 4), "prompt"),
+    (request([1, 2, 260], 4), "token_ids"),
+    (request("hi", 0), "max_tokens"),
+    (request("hi", 65), "max_tokens"),
+    (request("x" * 33, 4), "prompt"),
+])
+async def test_invalid_requests_are_refused(model, req, param):
+    engine = Engine(model, TOKENIZER, EngineConfig(max_sessions=1, max_prompt_tokens=32, max_new_tokens=64))
+    with pytest.raises(RequestError) as refused:
+        engine.submit(req)
+    assert refused.value.param == param
+    assert engine.num_waiting == 0
+
+
+async def test_shutdown_drains_then_ends_open_sessions(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=2, max_new_tokens=ENDLESS))
+    short = engine.submit(request("a", 5, ignore_eos=True))
+    endless = engine.submit(request("b", ENDLESS, ignore_eos=True))
+    start = time.monotonic()
+    await engine.shutdown(drain_timeout_s=0.5)
+    assert time.monotonic() - start < 5
+    assert (await short.collect()).done.finish_reason == "length"
+    final = [e async for e in endless.stream()][-1]
+    assert isinstance(final, ErrorEvent) and final.code == "shutdown"
+    with pytest.raises(EngineClosed):
+        engine.submit(request("c", 1))
+
+
+# ---- deliberation -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def steerable() -> CRSMModel:
+    """A random model whose outputs follow its state: peaked distributions (a large output head), so
+    that a blended state visibly changes the tokens."""
+    torch.manual_seed(0)
+    backbone = MambaLM(tiny_config(tie_embeddings=False)).eval()
+    with torch.no_grad():
+        backbone.lm_head.weight.mul_(100.0)
+    crsm = CRSMModel(backbone, tokenizer=TOKENIZER)
+    yield crsm
+    crsm.close()
+
+
+def deliberating_engine(crsm: CRSMModel, config: EngineConfig) -> Engine:
+    ids = itertools.count(1)
+
+    def factory(req: GenerationRequest) -> SessionDeliberator:
+        return SessionDeliberator(crsm.backbone, crsm.dynamics, crsm.value_heads, req.deliberation, next(ids))
+
+    engine = Engine(crsm.backbone, TOKENIZER, config, deliberator_factory=factory)
+    engine.start()
+    return engine
+
+
+def same_entry(event) -> tuple:
+    return event.position, event.target_position, event.captured_position, event.outcome, event.action, event.lateness
+
+
+# Synchronous planning (inline at observe) makes every outcome deterministic. Every layer blended, conv
+# included, no veto, exact children: the planner's results land and matter.
+SYNC = DeliberationConfig(lag=2, injection_rate=1.0, layer_weights=(1.0,) * 4, blend_conv=True, veto_threshold=1e9,
+                          fast_forward="exact", children="exact", synchronous=True,
+                          planner=PlannerConfig(n_simulations=4, top_k=3, max_depth=2, leaf_batch=2))
+
+
+async def test_batched_deliberation_equals_the_single_session_path(steerable):
+    # The engine steps every session in one batch and moves rows around; CRSMModel.think_and_generate
+    # runs one session on its own state. Same seeds and planner settings: same tokens, same injections.
+    crsm = steerable
+    engine = deliberating_engine(crsm, EngineConfig(max_sessions=2, prefill_chunk=4))
+    try:
+        specs = [("deliberate", 12, 5), ("a longer prompt here", 9, 6), ("x", 10, 7)]
+        sessions = engine.submit_all([request(p, n, seed, ignore_eos=True, deliberation=SYNC) for p, n, seed in specs])
+        results = await asyncio.gather(*(s.collect() for s in sessions))
+        assert engine.num_planners == 0
+        for (prompt, n, seed), result in zip(specs, results):
+            alone = await crsm.think_and_generate(prompt, max_length=n, deliberation_lag=SYNC.lag, config=SYNC,
+                                                  sampling=SamplingParams(seed=seed), stop_at_eos=False)
+            assert result.token_ids == alone.tokens
+            assert [same_entry(e) for e in result.injections] == [same_entry(e) for e in alone.events]
+            for mine, theirs in zip(result.injections, alone.events):  # chunked prefill: float-level gaps
+                assert mine.alpha == pytest.approx(theirs.alpha, abs=1e-5)
+            outcomes = {e.outcome for e in result.injections}
+            assert InjectionOutcome.APPLIED in outcomes
+            assert result.done.deliberation == alone.counters
+    finally:
+        await engine.shutdown()
+
+
+async def test_injections_change_tokens_from_their_position_on(steerable):
+    engine = deliberating_engine(steerable, EngineConfig(max_sessions=2))
+    try:
+        plain = await engine.submit(request("steer me", 16, temperature=0.0, ignore_eos=True)).collect()
+        steered = await engine.submit(request("steer me", 16, temperature=0.0, ignore_eos=True,
+                                              deliberation=SYNC)).collect()
+        first = min(e.position for e in steered.injections if e.outcome is InjectionOutcome.APPLIED)
+        n_before = first - len("steer me")  # generated tokens at positions < first, and token `first`
+        # an entry applied at p changes the logits at positions >= p: tokens p+1 onwards, nothing before
+        assert steered.token_ids[:n_before + 1] == plain.token_ids[:n_before + 1]
+        assert steered.token_ids != plain.token_ids
+        # with suggestions, token p is the planned action of the entry applied on time at p
+        suggested = await engine.submit(request("steer me", 16, temperature=0.0, ignore_eos=True,
+                                                deliberation=replace(SYNC, use_suggestions=True))).collect()
+        on_time = [e for e in suggested.injections if e.outcome is InjectionOutcome.APPLIED]
+        assert on_time
+        for e in on_time:
+            assert suggested.token_ids[e.position - len("steer me")] == e.action
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_failing_planner_does_not_stop_the_batch(steerable):
+    # top_k above the vocabulary: the search raises inside observe (synchronous mode)
+    broken = replace(SYNC, planner=PlannerConfig(n_simulations=2, top_k=1000))
+    engine = deliberating_engine(steerable, EngineConfig(max_sessions=2))
+    try:
+        failing, healthy = engine.submit_all([request("a", 8, 1, ignore_eos=True, deliberation=broken),
+                                              request("b", 8, 2, ignore_eos=True)])
+        failed, fine = await failing.collect(), await healthy.collect()
+        assert failing.planner_failed and not healthy.planner_failed
+        assert failed.done.usage.completion_tokens == fine.done.usage.completion_tokens == 8
+        assert fine.token_ids == reference_generate(steerable.backbone, TOKENIZER.encode("b"), 8,
+                                                    SamplingParams(seed=2))
+        assert engine.num_planners == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_cancelled_and_shut_down_sessions_close_their_planners(steerable):
+    crsm = steerable
+    engine = deliberating_engine(crsm, EngineConfig(max_sessions=2, queue_size=4, max_new_tokens=ENDLESS))
+    asynchronous = replace(SYNC, synchronous=False)
+    sessions = engine.submit_all([request(f"s{i}", ENDLESS, ignore_eos=True, deliberation=asynchronous)
+                                  for i in range(4)])  # two run, two wait
+    assert engine.num_planners == 4
+    while len(sessions[0].tokens) < 20:
+        await asyncio.sleep(0.005)
+    sessions[0].cancel()
+    sessions[2].cancel()
+    done = (await sessions[0].collect()).done
+    assert done.finish_reason == "cancelled" and done.deliberation["launched"] >= 1
+    await sessions[2].collect()
+    assert engine.num_planners == 2
+    await engine.shutdown(drain_timeout_s=0.0)
+    for s in (sessions[1], sessions[3]):
+        assert isinstance([e async for e in s.stream()][-1], ErrorEvent)
+    assert engine.num_planners == 0

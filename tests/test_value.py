@@ -1,0 +1,50 @@
+"""Consensus value heads: one head per layer, mean - lambda * std, veto on spread."""
+import pytest
+import torch
+
+from crsm_core.config import tiny_config
+from crsm_core.state import RecurrentState
+from crsm_core.value import ValueHeads, ValueHeadsConfig, consensus, spread, vetoed
+
+pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
+
+
+def test_each_head_reads_only_its_own_layer():
+    cfg = tiny_config()
+    heads = ValueHeads(ValueHeadsConfig.for_model(cfg, hidden=16))
+    with torch.no_grad():
+        heads.b2.copy_(torch.randn(cfg.n_layer))
+        s = RecurrentState.allocate(cfg, 3)
+        s.ssm.normal_()
+        v = heads(s)
+        assert v.shape == (3, cfg.n_layer)
+        s.ssm[2].mul_(-3.0).add_(0.5)
+        w = heads(s)
+    changed = (w - v).abs().amax(dim=0) > 1e-6
+    assert changed.tolist() == [False, False, True, False]
+    # scale invariance of the features: a state scaled by 10 gets the same values
+    with torch.no_grad():
+        s.ssm.mul_(10.0)
+        assert torch.allclose(heads(s), w, atol=1e-4)
+
+
+def test_consensus_spread_and_veto_numbers():
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 0.0, 2.0]])
+    assert spread(values).tolist() == [0.0, 1.0]
+    assert consensus(values, 0.5).tolist() == [1.0, 0.5]
+    assert consensus(values, 0.0).tolist() == [1.0, 1.0]
+    assert vetoed(values, 0.5).tolist() == [False, True]
+    assert vetoed(values, 1.0).tolist() == [False, False]
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = tiny_config()
+    heads = ValueHeads(ValueHeadsConfig.for_model(cfg, hidden=8))
+    heads.save(tmp_path)
+    assert (tmp_path / "value_heads.safetensors").exists() and (tmp_path / "value_heads.json").exists()
+    loaded = ValueHeads.load(tmp_path)
+    s = RecurrentState.allocate(cfg, 2)
+    s.ssm.normal_()
+    with torch.no_grad():
+        assert torch.equal(loaded(s), heads(s))
+    assert loaded.config == heads.config
