@@ -49,8 +49,7 @@ def _generate(args: argparse.Namespace) -> int:
         deliberation=deliberation)
 
     async def run() -> int:
-        engine = Engine(model.backbone, model.tokenizer, EngineConfig(max_sessions=1, queue_size=1),
-                        deliberator_factory=lambda r: model.new_deliberator(r.deliberation))
+        engine = Engine.for_model(model, EngineConfig(max_sessions=1, queue_size=1))
         engine.start()
         try:
             session = engine.submit(request)

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol
 
 import torch
 
@@ -40,6 +40,9 @@ from .sampling import SamplingParams, sample_batch
 from .state import RecurrentState
 from .stopping import StopMatcher
 from .tokenizer import IncrementalDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from .model import CRSMModel
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +313,16 @@ class Engine:
         self._planner_lock = threading.Lock()
         self.decode_steps = 0
         self._thread = threading.Thread(target=self._run, name="crsm-generator", daemon=True)
+
+    @classmethod
+    def for_model(cls, model: "CRSMModel", config: EngineConfig = EngineConfig(),
+                  listener: EngineListener | None = None) -> "Engine":
+        """The engine of a loaded model: its backbone and tokenizer, and a planner per deliberating session."""
+        if model.tokenizer is None:
+            raise ValueError("the engine needs a model with a tokenizer")
+        return cls(model.backbone, model.tokenizer, config,
+                   deliberator_factory=lambda request: model.new_deliberator(request.deliberation),
+                   listener=listener)
 
     # ---- event-loop side ------------------------------------------------------------------------------
 

@@ -73,10 +73,7 @@ class Runtime:
         config = EngineConfig(max_sessions=s.max_sessions, queue_size=s.queue_size, prefill_chunk=s.prefill_chunk,
                               max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
                               retry_after_s=s.retry_after_s)
-        # Each deliberating session gets a planner on the model's planner thread (shared by all sessions).
-        return Engine(self.model.backbone, self.model.tokenizer, config,
-                      deliberator_factory=lambda request: self.model.new_deliberator(request.deliberation),
-                      listener=self.metrics)
+        return Engine.for_model(self.model, config, listener=self.metrics)
 
     def start_loading(self) -> None:
         self._load_task = asyncio.create_task(self.load())
