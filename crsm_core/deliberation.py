@@ -141,10 +141,11 @@ class PlannerCounters:
     cancelled: int = 0    # plans stopped by close() before producing a result
     failed: int = 0       # plans that raised (logged)
     simulations: int = 0  # MCTS simulations run by the plans that finished
+    state_steps: int = 0  # rows advanced by one token (fast-forward and expansions) by those plans
 
     def as_dict(self) -> dict[str, int]:
         return {"launched": self.launched, "skipped": self.skipped, "cancelled": self.cancelled,
-                "failed": self.failed, "simulations": self.simulations}
+                "failed": self.failed, "simulations": self.simulations, "state_steps": self.state_steps}
 
 
 class SessionDeliberator:
@@ -191,6 +192,7 @@ class SessionDeliberator:
         result = search(snapshot, ahead.logits, self._children.step, self._values, cfg.planner)
         with self._lock:
             self.planner_counters.simulations += int(result.stats.simulations)
+            self.planner_counters.state_steps += snapshot.batch * cfg.lag + int(result.stats.expansions)
         values = result.layer_values[0].float()                               # [L]
         disagreement = float(spread(values))
         vetoed = disagreement > cfg.veto_threshold

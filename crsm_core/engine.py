@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLANNER_CLOSE_TIMEOUT_S = 5.0
+PLANNER_MODES = ("stream", "ride")
 
 
 class QueueFull(RuntimeError):
@@ -77,8 +78,13 @@ class EngineConfig:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 1024
     retry_after_s: int = 1
+    # Where planner work runs on a GPU: "stream" = its own lower-priority CUDA stream; "ride" = planner
+    # rows ride inside the generator's own batched decode step.
+    planner_mode: str = "stream"
 
     def __post_init__(self) -> None:
+        if self.planner_mode not in PLANNER_MODES:
+            raise ValueError(f"planner_mode must be one of {PLANNER_MODES}, got {self.planner_mode!r}")
         for name in ("max_sessions", "prefill_chunk", "max_prompt_tokens", "max_new_tokens", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
