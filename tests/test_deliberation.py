@@ -249,7 +249,7 @@ async def test_closing_cancels_the_planner_task_and_stops_its_worker(backbone, d
     assert asyncio.all_tasks() == {asyncio.current_task()}
     assert not [t for t in threading.enumerate() if t.name.startswith("crsm-planner")]
     assert delib.counters() == dict(produced=0, applied=0, applied_late=0, pruned=0, vetoed=0, rejected=0,
-                                    launched=1, skipped=0, cancelled=1, failed=0, simulations=0)
+                                    launched=1, skipped=0, cancelled=1, failed=0, simulations=0, state_steps=0)
     delib.observe(11, state, logits)                  # closed: nothing starts
     await asyncio.sleep(0.01)
     assert asyncio.all_tasks() == {asyncio.current_task()} and delib.counters()["launched"] == 1
