@@ -6,12 +6,14 @@ The generator calls, at each position q (it holds S_q; token q not yet chosen):
     deliberator.observe(q, state_row, logits)                          # maybe start a plan from S_q
     ... choose token q (the suggestion, if enabled and ready), step ...
 
-`observe` never waits: if the planner is idle it clones S_q and hands it to an asyncio task whose
-compute runs in a worker thread (an executor); if the planner is busy the position is skipped. The
-plan fast-forwards S_q by `lag` greedy tokens (dynamics model or exact backbone), searches from
-S_p (p = q + lag), gates the chosen child's state per layer and puts the entry into the session's
-`TargetBuffer`. Before handing the entry over, the worker fast-forwards it (exact steps) through
-the tokens the generator produced meanwhile, so a late entry costs the generator little.
+`observe` never waits: if the planner is idle it clones S_q and hands it to the session's asyncio
+task, which submits it to the model's `PlannerRuntime` (one worker thread that batches the plans of
+all sessions; planner/runtime.py) and awaits the result; if the planner is busy the position is
+skipped. The plan fast-forwards S_q by `lag` greedy tokens (dynamics model or exact backbone),
+searches from S_p (p = q + lag), gates the chosen child's state per layer, and the task puts the
+entry into the session's `TargetBuffer`. Before handing the entry over, the worker fast-forwards it
+(exact steps) through the tokens the generator produced meanwhile, so a late entry costs the
+generator little.
 
 Synchronous mode runs the plan inline in `observe` (no loop, no thread): deterministic, for tests.
 The deliberator knows nothing of the loop that drives it, so the batched engine uses it as it is.
@@ -25,20 +27,17 @@ import concurrent.futures
 import json
 import logging
 import threading
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .backbone import MambaLM
-from .dynamics import Stepper, fast_forward
-from .injection import (InjectionEvent, InjectionOutcome, TargetBuffer, TargetEntry, catch_up,
-                        default_layer_weights, gates)
-from .planner import PlannerConfig, search
+from .injection import InjectionEvent, InjectionOutcome, TargetBuffer, TargetEntry, default_layer_weights
+from .planner import PlannerConfig
+from .planner.runtime import PlanCancelled, PlannerRuntime, PlanRequest
 from .state import RecurrentState
-from .value import ValueHeads, spread
+from .streams import record_current
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +117,6 @@ class DeliberationConfig:
         return replace(self, lag=lag)
 
 
-class PlanCancelled(Exception):
-    """Raised inside a planner worker once its session has been closed."""
-
-
-class _Guarded:
-    """A stepper that stops the worker at its next step once the session is closed."""
-
-    def __init__(self, stepper: Stepper, cancel: threading.Event):
-        self.stepper, self.cancel = stepper, cancel
-
-    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        if self.cancel.is_set():
-            raise PlanCancelled()
-        return self.stepper.step(tokens, state)
-
-
 @dataclass
 class PlannerCounters:
     launched: int = 0     # plans started (snapshots taken)
@@ -149,76 +132,51 @@ class PlannerCounters:
 
 
 class SessionDeliberator:
-    def __init__(self, backbone: MambaLM, dynamics: Stepper, value_heads: ValueHeads,
-                 config: DeliberationConfig, generation_id: int, *,
-                 executor: concurrent.futures.Executor | None = None):
-        self.backbone = backbone
-        self.value_heads = value_heads
+    """One session's side of deliberation: its target buffer, counters and planner task. The plans
+    themselves are computed by the model's `PlannerRuntime`, batched with other sessions' plans."""
+
+    def __init__(self, runtime: PlannerRuntime, config: DeliberationConfig, generation_id: int):
+        self.runtime = runtime
         self.config = config
         self.generation_id = generation_id
         self.buffer = TargetBuffer(generation_id, max_lag=config.max_lag, delta_decay=config.delta_decay,
                                    blend_conv=config.blend_conv)
         self.planner_counters = PlannerCounters()
-        self._weights = config.weights(backbone.config.n_layer)
-        self._cancel = threading.Event()
-        self._fast_forward = _Guarded(dynamics if config.fast_forward == "dynamics" else backbone, self._cancel)
-        self._children = _Guarded(dynamics if config.children == "dynamics" else backbone, self._cancel)
-        self._exact = _Guarded(backbone, self._cancel)
         self._lock = threading.Lock()
         self._busy = False
         self._closed = False
         self._tokens: list[int] = []          # the session's tokens by position, for the worker's catch-up
         self._last_position = 0
         self._task: asyncio.Task | None = None
-        self._worker: concurrent.futures.Future | None = None
-        if config.synchronous:
-            self._loop = None
-            self._executor, self._owns_executor = None, False
-        else:
-            self._loop = asyncio.get_running_loop()
-            self._owns_executor = executor is None
-            self._executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="crsm-planner")
+        self._loop = None if config.synchronous else asyncio.get_running_loop()
 
-    # ---- the plan itself (any thread) ---------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def counters(self) -> dict[str, int]:
+        return {**self.buffer.counters.as_dict(), **self.planner_counters.as_dict()}
+
+    # ---- what the runtime's worker calls ------------------------------------------------------
+
+    def tokens_so_far(self) -> list[int]:
+        with self._lock:
+            return list(self._tokens)
+
+    def record_plan(self, simulations: int, state_steps: float) -> None:
+        with self._lock:
+            self.planner_counters.simulations += simulations
+            self.planner_counters.state_steps += round(state_steps)
 
     @torch.no_grad()
-    def plan(self, snapshot: RecurrentState, position: int, logits: torch.Tensor,
-             captured_at: float | None = None) -> TargetEntry:
-        """From S_t (snapshot, 1 row, consumed) and the logits that came with it ([1, V], the
-        distribution of token t): fast-forward to p = t + lag, search, gate. Returns the entry."""
-        cfg = self.config
-        captured_at = time.monotonic() if captured_at is None else captured_at
-        ahead = fast_forward(self._fast_forward, snapshot, steps=cfg.lag, logits=logits)
-        result = search(snapshot, ahead.logits, self._children.step, self._values, cfg.planner)
-        with self._lock:
-            self.planner_counters.simulations += int(result.stats.simulations)
-            self.planner_counters.state_steps += snapshot.batch * cfg.lag + int(result.stats.expansions)
-        values = result.layer_values[0].float()                               # [L]
-        disagreement = float(spread(values))
-        vetoed = disagreement > cfg.veto_threshold
-        alpha = torch.zeros_like(values) if vetoed else gates(values, cfg.injection_rate, self._weights)
-        return TargetEntry(
-            generation_id=self.generation_id, target_position=position + cfg.lag, captured_position=position,
-            action=int(result.action[0]), target_state=result.target_state, alpha=alpha.cpu(), vetoed=vetoed,
-            spread=disagreement,
-            planner_stats={k: float(v) for k, v in asdict(result.stats).items()},
-            captured_at=captured_at)
-
-    def _values(self, states: RecurrentState) -> torch.Tensor:
-        if self._cancel.is_set():
-            raise PlanCancelled()
-        return self.value_heads(states)
-
-    def _work(self, snapshot: RecurrentState, position: int, logits: torch.Tensor,
-              captured_at: float) -> TargetEntry:
-        """Worker thread: plan, then catch up with the tokens generated meanwhile (when not hopeless)."""
-        entry = self.plan(snapshot, position, logits, captured_at)
-        with self._lock:
-            tokens = list(self._tokens)
-        if 0 < len(tokens) - entry.target_position <= self.config.max_lag and not entry.vetoed:
-            with torch.no_grad():
-                catch_up(entry, tokens, len(tokens), self._exact.step)
-        return entry
+    def plan(self, snapshot: RecurrentState, position: int, logits: torch.Tensor) -> TargetEntry:
+        """Plan inline from S_t (snapshot, 1 row, consumed) and the logits that came with it ([1, V],
+        the distribution of token t); returns the entry for p = t + lag."""
+        return self.runtime.plan_now([PlanRequest(self, snapshot, logits, position)])[0]
 
     # ---- the generator's side ------------------------------------------------------------------
 
@@ -237,8 +195,10 @@ class SessionDeliberator:
                 return
             self._busy = True
             self.planner_counters.launched += 1
-        snapshot, logits, now = state_row.clone(), logits.detach().clone(), time.monotonic()
-        self._loop.call_soon_threadsafe(self._launch, snapshot, position, logits, now)
+        # Copies on the generator's stream, then an event the planner's stream waits for.
+        request = PlanRequest(self, state_row.clone(), logits.detach().clone(), position)
+        request.ready = record_current(request.logits.device)
+        self._loop.call_soon_threadsafe(self._launch, request)
 
     def apply_due(self, position: int, state_row: RecurrentState,
                   generated_tokens: list[int]) -> tuple[list[InjectionEvent], int | None]:
@@ -250,7 +210,7 @@ class SessionDeliberator:
         with self._lock:
             self._tokens.extend(generated_tokens[len(self._tokens):position])
         with torch.no_grad():
-            events = self.buffer.apply_due(position, state_row, generated_tokens, self.backbone.step)
+            events = self.buffer.apply_due(position, state_row, generated_tokens, self.runtime.generator_step.step)
         suggestion = None
         if self.config.use_suggestions:
             on_time = [e for e in events if e.outcome is InjectionOutcome.APPLIED and e.target_position == position]
@@ -259,54 +219,45 @@ class SessionDeliberator:
 
     # ---- the task ------------------------------------------------------------------------------
 
-    def _launch(self, snapshot: RecurrentState, position: int, logits: torch.Tensor, captured_at: float) -> None:
-        """Event loop thread."""
+    def _launch(self, request: PlanRequest) -> None:
+        """Event loop thread: the session's planner task for this plan."""
         if self._closed:
             with self._lock:
                 self._busy = False
             self.planner_counters.cancelled += 1
             return
-        self._task = self._loop.create_task(self._run(snapshot, position, logits, captured_at),
-                                            name=f"crsm-planner-{self.generation_id}")
+        self._task = self._loop.create_task(self._run(request), name=f"crsm-planner-{self.generation_id}")
 
-    async def _run(self, snapshot: RecurrentState, position: int, logits: torch.Tensor, captured_at: float) -> None:
+    async def _run(self, request: PlanRequest) -> None:
         try:
-            self._worker = self._executor.submit(self._work, snapshot, position, logits, captured_at)
-            entry = await asyncio.wrap_future(self._worker)
-        except PlanCancelled:
+            entry = await asyncio.wrap_future(self.runtime.submit(request))
+        except (PlanCancelled, asyncio.CancelledError, concurrent.futures.CancelledError):
             self.planner_counters.cancelled += 1
+            if not request.future.done():
+                request.future.cancel()
+            if asyncio.current_task().cancelling():
+                raise
             return
-        except asyncio.CancelledError:
-            self.planner_counters.cancelled += 1
-            raise
         except Exception:  # a planner bug must not kill the session; it is logged and counted
-            logger.exception("planner failed (generation %s, position %d)", self.generation_id, position)
+            logger.exception("planner failed (generation %s, position %d)", self.generation_id, request.position)
             self.planner_counters.failed += 1
             return
         finally:
             with self._lock:
                 self._busy = False
+        if self._closed:
+            self.planner_counters.cancelled += 1
+            return
         self.buffer.put(entry)
 
     async def close(self) -> list[InjectionEvent]:
-        """Cancel the planner task, wait until its worker has stopped, resolve what is left in the
-        buffer (never reached: PRUNED). Idempotent; returns the events of the resolution."""
+        """Cancel the planner task and resolve what is left in the buffer (never reached: PRUNED).
+        The runtime's worker drops a closed session's plan (and stops at its next step when every
+        session of its batch has closed). Idempotent; returns the events of the resolution."""
         if self._closed:
             return []
         self._closed = True
-        self._cancel.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.wait([self._task])
-        while self._worker is not None and not self._worker.done():
-            await asyncio.sleep(0.001)   # the worker stops at its next step
-        if self._owns_executor:
-            self._executor.shutdown(wait=True)
         return self.buffer.finish(self._last_position)
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    def counters(self) -> dict[str, int]:
-        return {**self.buffer.counters.as_dict(), **self.planner_counters.as_dict()}

@@ -3,10 +3,15 @@
 One generator thread owns the model. Every iteration it
   1. drops cancelled sessions and admits waiting ones while slots are free,
   2. prefills up to `prefill_chunk` prompt tokens (a long prompt takes several iterations, so the
-     sessions already streaming keep getting a token every iteration),
-  3. runs one decode round for all running sessions: due injections, one token per session (sampled
-     from the logits of the previous step), then one batched decode step `_decode(n)` over pool rows
-     [0, n).
+     sessions already streaming keep getting a token every iteration; on CUDA each piece is a graph
+     replay),
+  3. runs one decode round for all running sessions, queued on the GPU without waiting for it:
+     sample token q of every row from the last logits (on the device), apply due injections and take
+     planner snapshots, then one batched decode step `_decode` over pool rows [0, n) (plus, in "ride"
+     mode, the planners' rows after them) that consumes those tokens;
+  4. waits only for the sampled tokens (not for the step just launched) and streams them, so the
+     host's work for one token overlaps the GPU's step for the next. That is the one host
+     synchronisation per token.
 
 Running sessions always occupy the rows [0, n) of the slot pool: a session that leaves has the last row
 moved into its hole. That is the contract of `CapturedDecoder`, whose graphs (on CUDA) step rows
@@ -21,6 +26,7 @@ prefill); the decode step then consumes it. Events go to each session's asyncio.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import enum
 import logging
@@ -34,11 +40,13 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol
 import torch
 
 from .backbone import MambaLM
-from .backbone.graphs import CapturedDecoder
+from .backbone.graphs import CapturedDecoder, CapturedPrefill
 from .deliberation import DeliberationConfig
-from .sampling import SamplingParams, sample_batch
+from .planner.runtime import PLANNER_MODES, PlannerRuntime
+from .sampling import SamplingParams, SamplingTable
 from .state import RecurrentState
 from .stopping import StopMatcher
+from .streams import Lane, hand_over, record_current, wait
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -47,7 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLANNER_CLOSE_TIMEOUT_S = 5.0
-PLANNER_MODES = ("stream", "ride")
 
 
 class QueueFull(RuntimeError):
@@ -78,14 +85,16 @@ class EngineConfig:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 1024
     retry_after_s: int = 1
-    # Where planner work runs on a GPU: "stream" = its own lower-priority CUDA stream; "ride" = planner
-    # rows ride inside the generator's own batched decode step.
+    # Where planner work runs on a GPU (planner/runtime.py): "stream" = its own lower-priority CUDA
+    # stream and graphs; "ride" = planner rows ride inside the generator's own batched decode step.
     planner_mode: str = "stream"
+    ride_rows: int = 16             # "ride": planner rows added to a decode step at most
 
     def __post_init__(self) -> None:
         if self.planner_mode not in PLANNER_MODES:
             raise ValueError(f"planner_mode must be one of {PLANNER_MODES}, got {self.planner_mode!r}")
-        for name in ("max_sessions", "prefill_chunk", "max_prompt_tokens", "max_new_tokens", "retry_after_s"):
+        for name in ("max_sessions", "prefill_chunk", "max_prompt_tokens", "max_new_tokens", "retry_after_s",
+                     "ride_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queue_size < 0:
@@ -204,7 +213,7 @@ class Session:
     """One generation. Created by `Engine.submit`; read with `stream()` or `collect()` on the event loop."""
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, engine: "Engine",
-                 tokenizer: Tokenizer, device: torch.device):
+                 tokenizer: Tokenizer):
         self.id = uuid.uuid4().hex
         self.request = request
         self.events: asyncio.Queue = asyncio.Queue()
@@ -220,13 +229,12 @@ class Session:
         self.finished_at: float | None = None
         self.deliberator: Deliberator | None = None
         self.planner_failed = False  # its deliberator raised; the session continues without it
+        self.seed = request.sampling.resolved_seed()
         self._cancel_requested = False
         self._loop = loop
         self._engine = engine
         # generator-thread state
         self._prefilled = 0
-        self._scratch: RecurrentState | None = None
-        self._generator = request.sampling.make_generator(device)
         self._decoder = IncrementalDecoder(tokenizer)
         self._stops = StopMatcher(request.stop)
 
@@ -290,6 +298,19 @@ class Session:
         self._loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+@dataclass
+class _Ride:
+    """Planner rows to be stepped inside the next decode step ("ride" mode)."""
+    tokens: torch.Tensor                   # [K] long, on the planner's stream
+    state: RecurrentState                  # K rows, advanced in place
+    ready: torch.cuda.Event | None         # the planner's stream has written tokens and state
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+
 class Engine:
     def __init__(self, model: MambaLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
                  deliberator_factory: DeliberatorFactory | None = None,
@@ -301,16 +322,22 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self._deliberator_factory = deliberator_factory
         self._listener = listener
+        self._planner_runtime: PlannerRuntime | None = None   # owned (closed at shutdown) when set
         n = config.max_sessions
+        rows = n + (config.ride_rows if config.planner_mode == "ride" else 0)
         with torch.no_grad():
-            self.pool = model.allocate_state(n)
-            self._tokens = torch.zeros(n, dtype=torch.long, device=self.device)                 # [n]
+            self.pool = model.allocate_state(rows)
             self._logits = torch.zeros(n, self.vocab_size, dtype=torch.float32, device=self.device)  # [n, V]
-        # On CUDA the decode step replays a graph captured per batch-size bucket over pool rows [0:bucket]
-        # (captured here); elsewhere it is the eager step on the same rows.
-        self._stepper = CapturedDecoder(model, max_batch=n, pool=self.pool)
+            self._host_tokens = torch.zeros(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._sampler = SamplingTable(n, self.device)
+        # On CUDA the decode step replays a graph captured per batch-size bucket over pool rows [0:bucket],
+        # and each prefill piece a graph of its length (captured here); elsewhere they run eagerly.
+        self._stepper = CapturedDecoder(model, max_batch=rows, pool=self.pool)
+        self._prefill = CapturedPrefill(model, max_piece=1 << (config.prefill_chunk.bit_length() - 1))
+        self._lane = Lane(self.device, "high")
         self._cond = threading.Condition()
         self._waiting: deque[Session] = deque()     # guarded by _cond
+        self._rides: deque[_Ride] = deque()         # guarded by _cond
         self._prefilling: deque[Session] = deque()  # generator thread only
         self._running: list[Session] = []           # generator thread only; _running[i].row == i
         self._accepting = True
@@ -323,12 +350,16 @@ class Engine:
     @classmethod
     def for_model(cls, model: "CRSMModel", config: EngineConfig = EngineConfig(),
                   listener: EngineListener | None = None) -> "Engine":
-        """The engine of a loaded model: its backbone and tokenizer, and a planner per deliberating session."""
+        """The engine of a loaded model: its backbone and tokenizer, and a planner per deliberating
+        session on a planner runtime of the engine's own (`config.planner_mode`)."""
         if model.tokenizer is None:
             raise ValueError("the engine needs a model with a tokenizer")
-        return cls(model.backbone, model.tokenizer, config,
-                   deliberator_factory=lambda request: model.new_deliberator(request.deliberation),
-                   listener=listener)
+        engine = cls(model.backbone, model.tokenizer, config, listener=listener)
+        ride = engine.ride if config.planner_mode == "ride" else None
+        runtime = model.planner_runtime(config.planner_mode, ride=ride, ride_rows=config.ride_rows)
+        engine._planner_runtime = runtime
+        engine._deliberator_factory = lambda request: model.new_deliberator(request.deliberation, runtime)
+        return engine
 
     # ---- event-loop side ------------------------------------------------------------------------------
 
@@ -373,7 +404,7 @@ class Engine:
             if request.deliberation is not None and self._deliberator_factory is None:
                 raise RequestError("deliberation is not available on this server", "deliberation")
         loop = asyncio.get_running_loop()
-        sessions = [Session(r, loop, self, self.tokenizer, self.device) for r in requests]
+        sessions = [Session(r, loop, self, self.tokenizer) for r in requests]
         with self._cond:
             if not self._accepting:
                 raise EngineClosed("the server is shutting down")
@@ -397,7 +428,8 @@ class Engine:
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Take no new sessions; let the queued and running ones finish for up to drain_timeout_s; end the
-        rest with an ErrorEvent; stop the generator thread and wait for the planners to close."""
+        rest with an ErrorEvent; stop the generator thread, wait for the planners to close, and stop the
+        planner runtime."""
         with self._cond:
             self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
@@ -411,19 +443,51 @@ class Engine:
         planners_deadline = time.monotonic() + PLANNER_CLOSE_TIMEOUT_S
         while self.num_planners and time.monotonic() < planners_deadline:
             await asyncio.sleep(0.01)
+        if self._planner_runtime is not None:
+            await asyncio.to_thread(self._planner_runtime.close)
 
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify()
 
+    # ---- the planner's side ("ride" mode; any thread) ----------------------------------------------------
+
+    def ride(self, tokens: torch.Tensor, state: RecurrentState) -> concurrent.futures.Future:
+        """Step planner rows inside the generator's next decode steps. tokens: [K] (K <= ride_rows);
+        state: K rows, on the caller's stream, advanced in place. The future gets (logits [K, V], an
+        event after which the rows and logits may be read on the caller's stream)."""
+        if tokens.shape[0] > self.config.ride_rows:
+            raise ValueError(f"a ride takes at most {self.config.ride_rows} rows, got {tokens.shape[0]}")
+        request = _Ride(tokens, state, record_current(self.device))
+        with self._cond:
+            if self._stopping:
+                request.future.set_exception(EngineClosed("the engine has stopped"))
+            else:
+                self._rides.append(request)
+                self._cond.notify()
+        return request.future
+
+    def _take_rides(self) -> list[_Ride]:
+        """Ride requests that fit beside the running rows, in order."""
+        room, taken = self.config.ride_rows, []
+        with self._cond:
+            while self._rides and self._rides[0].rows <= room:
+                ride = self._rides.popleft()
+                if ride.future.set_running_or_notify_cancel():
+                    room -= ride.rows
+                    taken.append(ride)
+        return taken
+
     # ---- generator thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        log.info("generator started: %d slots, prefill chunk %d", self.config.max_sessions, self.config.prefill_chunk)
-        with torch.no_grad():
+        log.info("generator started: %d slots, prefill chunk %d, planner mode %s", self.config.max_sessions,
+                 self.config.prefill_chunk, self.config.planner_mode)
+        with torch.no_grad(), self._lane.active():
             while True:
                 with self._cond:
-                    while not self._stopping and not (self._waiting or self._prefilling or self._running):
+                    while not self._stopping and not (self._waiting or self._prefilling or self._running
+                                                      or self._rides):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -432,13 +496,17 @@ class Engine:
                     self._drop_cancelled()
                     self._prefill_some()
                     self._decode_round()
-                except Exception:  # a failed step must not take the server down: end the affected sessions
-                    log.exception("generation step failed; ending the sessions in the batch")
-                    for session in list(self._running) + list(self._prefilling):
+                except Exception:  # a failed batched step must not take the server down: end that batch
+                    log.exception("decode step failed; ending the %d sessions of the batch", len(self._running))
+                    for session in list(self._running):
                         self._end(session, error=ErrorEvent("internal error during generation", "internal_error"))
             with self._cond:
                 leftovers = list(self._waiting)
                 self._waiting.clear()
+                rides = list(self._rides)
+                self._rides.clear()
+            for ride in rides:
+                ride.future.set_exception(EngineClosed("the engine has stopped"))
             for session in leftovers + list(self._prefilling) + list(self._running):
                 self._end(session, error=ErrorEvent("the server is shutting down", "shutdown"))
         log.info("generator stopped")
@@ -464,16 +532,23 @@ class Engine:
             self._end(session, reason="cancelled")
 
     def _prefill_some(self) -> None:
+        """Up to prefill_chunk prompt tokens, sessions in turn (one scratch row: the first session of the
+        queue is finished before the next starts). A prefill that raises ends only its own session."""
         budget = self.config.prefill_chunk
         while budget > 0 and self._prefilling:
             session = self._prefilling[0]
             prompt = session.request.prompt_ids
-            if session._scratch is None:
-                session._scratch = self.model.allocate_state(1)
-            n = min(budget, len(prompt) - session._prefilled)
-            ids = torch.tensor(prompt[session._prefilled:session._prefilled + n], dtype=torch.long,
-                               device=self.device)[None]                     # [1, n]
-            logits = self.model.prefill(ids, session._scratch)               # [1, V]
+            n = min(budget, len(prompt) - session._prefilled, self._prefill.max_piece)
+            try:
+                if session._prefilled == 0:
+                    self._prefill.begin()
+                ids = torch.tensor(prompt[session._prefilled:session._prefilled + n], dtype=torch.long,
+                                   device=self.device)
+                logits = self._prefill.feed(ids)                                 # [1, V]
+            except Exception:
+                log.exception("session %s: prefill failed; ending it", session.id)
+                self._end(session, error=ErrorEvent("internal error during prefill", "internal_error"))
+                continue
             session._prefilled += n
             budget -= n
             if session._prefilled == len(prompt):
@@ -483,9 +558,9 @@ class Engine:
     def _start_running(self, session: Session, logits: torch.Tensor) -> None:
         """logits: [1, V] at the last prompt position. Takes the next row of the contiguous pool."""
         row = len(self._running)
-        self.pool.rows(slice(row, row + 1)).copy_(session._scratch)
+        self.pool.rows(slice(row, row + 1)).copy_(self._prefill.scratch)
         self._logits[row].copy_(logits[0])
-        session._scratch = None
+        self._sampler.set_row(row, session.request.sampling, session.seed)
         session.row = row
         session.status = SessionStatus.RUNNING
         self._running.append(session)
@@ -494,30 +569,62 @@ class Engine:
         return self.pool.rows(slice(row, row + 1))
 
     def _decode_round(self) -> None:
-        if not self._running:
+        """Token q of every running session, then the step that consumes it (see the module docstring)."""
+        n = len(self._running)
+        rides = self._take_rides() if self.config.planner_mode == "ride" else []
+        if n == 0 and not rides:
             return
+        tokens = self._stepper.tokens                   # [rows] the decode step's static input
+        host = self._host_tokens[:n]
+        if n:
+            tokens[:n].copy_(self._sampler.sample(self._logits[:n]))
+            host.copy_(tokens[:n], non_blocking=True)
+        sampled = record_current(self.device)
         suggestions: dict[int, int] = {}
         for session in self._running:
             if session.deliberator is not None and not session.planner_failed:
                 suggestion = self._deliberate(session)
                 if suggestion is not None:
                     suggestions[session.row] = suggestion
-        n = len(self._running)
-        chosen = sample_batch(self._logits[:n], [s.request.sampling for s in self._running],
-                              [s._generator for s in self._running]).tolist()
+                    tokens[session.row] = suggestion
+        rows = n + self._place_rides(rides, n)
+        logits = self._decode(rows)
+        if n:
+            self._logits[:n].copy_(logits[:n])
+        self._finish_rides(rides, n, logits)
+        if n == 0:
+            return
+        if sampled is not None:
+            sampled.synchronize()                       # the tokens, not the step just queued
         now = time.perf_counter()
         finished: list[tuple[Session, str]] = []
-        for session, token in zip(self._running, chosen):
+        for session, token in zip(self._running, host.tolist()):
             reason = self._take_token(session, suggestions.get(session.row, token), now)
             if reason is not None:
                 finished.append((session, reason))
         for session, reason in sorted(finished, key=lambda f: -f[0].row):
             self._end(session, reason=reason)
-        n = len(self._running)
-        if n == 0:
-            return
-        self._tokens[:n].copy_(torch.tensor([s.tokens[-1] for s in self._running], dtype=torch.long))
-        self._logits[:n].copy_(self._decode(n))
+
+    def _place_rides(self, rides: list[_Ride], n: int) -> int:
+        """Copy the rides' rows into pool rows [n, n + K) and their tokens after the running rows' ones."""
+        row = n
+        for ride in rides:
+            wait(ride.ready)
+            hand_over(ride.tokens, ride.state)
+            k = ride.rows
+            self.pool.rows(slice(row, row + k)).copy_(ride.state)
+            self._stepper.tokens[row:row + k].copy_(ride.tokens)
+            row += k
+        return row - n
+
+    def _finish_rides(self, rides: list[_Ride], n: int, logits: torch.Tensor) -> None:
+        row = n
+        for ride in rides:
+            k = ride.rows
+            ride.state.copy_(self.pool.rows(slice(row, row + k)))
+            out = logits[row:row + k].clone()
+            ride.future.set_result((out, record_current(self.device)))
+            row += k
 
     def _deliberate(self, session: Session) -> int | None:
         """Due injections into the session's row, then a planner snapshot. Returns a suggested token."""
@@ -536,11 +643,11 @@ class Engine:
             self._injection(session, event)
         return suggestion
 
-    def _decode(self, n: int) -> torch.Tensor:
-        """One batched step over pool rows [0, n): consumes self._tokens[:n], advances those rows in place.
-        Returns logits [n, V]."""
+    def _decode(self, rows: int) -> torch.Tensor:
+        """One batched step over pool rows [0, rows): consumes the decoder's static tokens[:rows], advances
+        those rows in place. Returns logits [rows, V]."""
         self.decode_steps += 1
-        return self._stepper.step(self._tokens[:n])
+        return self._stepper.step(self._stepper.tokens[:rows])
 
     def _take_token(self, session: Session, token: int, now: float) -> str | None:
         """Record the token chosen for a session and stream it. Returns a finish reason or None."""
@@ -568,12 +675,12 @@ class Engine:
                 moved = self._running[last]
                 self._row_state(row).copy_(self._row_state(last))
                 self._logits[row].copy_(self._logits[last])
+                self._sampler.move_row(last, row)
                 self._running[row] = moved
                 moved.row = row
             self._running.pop()
         elif session.status is SessionStatus.PREFILLING:
             self._prefilling.remove(session)
-            session._scratch = None
         session.row = None
         session.status = SessionStatus.FINISHED
         session.finished_at = time.perf_counter()

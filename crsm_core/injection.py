@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .state import RecurrentState
+from .streams import hand_over, wait
 
 # (tokens [K], state K rows advanced in place) -> logits [K, V]
 StepFn = Callable[[torch.Tensor, RecurrentState], torch.Tensor]
@@ -65,12 +66,20 @@ class TargetEntry:
     planner_stats: dict[str, float] = field(default_factory=dict)
     state_position: int = -1        # the position target_state stands at (p unless caught up)
     captured_at: float = field(default_factory=time.monotonic)
+    ready: torch.cuda.Event | None = None   # on the producer's stream, after target_state was written
+    finite: bool = True             # every entry of target_state is finite (checked by the producer)
 
     def __post_init__(self) -> None:
         if self.state_position < 0:
             self.state_position = self.target_position
         if self.target_state.batch != 1:
             raise ValueError(f"a target holds one row, got {self.target_state.batch}")
+        self.refresh_finite()
+
+    def refresh_finite(self) -> None:
+        """Recheck `finite` (a device sync: done by whoever last wrote the target, so that the generator
+        does not wait for the GPU to find out)."""
+        self.finite = bool(self.target_state.is_finite().all())
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,7 @@ class TargetBuffer:
                 events.append(self._event(entry, position, InjectionOutcome.REJECTED,
                                           f"generation {entry.generation_id} != {self.generation_id}"))
                 continue
-            if not bool(entry.target_state.is_finite().all()):
+            if not entry.finite:
                 events.append(self._event(entry, position, InjectionOutcome.REJECTED, "non-finite target"))
                 continue
             if entry.vetoed:
@@ -202,12 +211,16 @@ class TargetBuffer:
                 events.append(self._event(entry, position, InjectionOutcome.PRUNED,
                                           f"lateness {lateness} > max_lag {self.max_lag}"))
                 continue
+            wait(entry.ready)                 # the producer's stream has written the target
+            hand_over(entry.target_state)
             stood_at = entry.state_position
             catch_up(entry, generated_tokens, position, step_fn)   # a no-op when on time
-            if entry.state_position != stood_at and not bool(entry.target_state.is_finite().all()):
-                events.append(self._event(entry, position, InjectionOutcome.REJECTED,
-                                          "non-finite target after fast-forward"))
-                continue
+            if entry.state_position != stood_at:
+                entry.refresh_finite()
+                if not entry.finite:
+                    events.append(self._event(entry, position, InjectionOutcome.REJECTED,
+                                              "non-finite target after fast-forward"))
+                    continue
             alpha = entry.alpha * self.delta_decay ** lateness
             state_row.blend_(entry.target_state, alpha, blend_conv=self.blend_conv)
             outcome = InjectionOutcome.APPLIED if lateness == 0 else InjectionOutcome.APPLIED_LATE

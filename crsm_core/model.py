@@ -24,7 +24,8 @@ from .checkpoint import has_component, load_pretrained, save_pretrained
 from .deliberation import DeliberationConfig, SessionDeliberator, load_deliberation_config
 from .dynamics import COMPONENT_NAME as DYNAMICS, DynamicsConfig, LatentDynamics, Stepper
 from .injection import InjectionEvent
-from .sampling import SamplingParams, sample_row
+from .planner.runtime import PlannerMode, PlannerRuntime, RideStep
+from .sampling import SamplingParams, SamplingTable
 from .tokenizer import Tokenizer, load_tokenizer
 from .value import COMPONENT_NAME as VALUE_HEADS, ValueHeads, ValueHeadsConfig
 
@@ -69,7 +70,8 @@ class _Generation:
         self.deliberator = deliberator
         self.tokens = list(prompt)                 # by position, prompt included
         self.n_prompt = len(prompt)
-        self.rng = sampling.make_generator(backbone.device)
+        self.sampler = SamplingTable(1, backbone.device)
+        self.sampler.set_row(0, sampling, sampling.resolved_seed())
         self.state = backbone.allocate_state(1)
         self.logits: torch.Tensor | None = None    # [1, V]: the distribution of the next token
         self.log: list[PositionLog] = []
@@ -90,7 +92,7 @@ class _Generation:
         if self.deliberator is not None:
             events, suggestion = self.deliberator.apply_due(position, self.state, self.tokens)
             self.deliberator.observe(position, self.state, self.logits)
-        token = suggestion if suggestion is not None else sample_row(self.logits[0], self.sampling, self.rng)
+        token = suggestion if suggestion is not None else int(self.sampler.sample(self.logits)[0])
         self.tokens.append(token)
         self.log.append(PositionLog(position, token, suggestion is not None, events))
         if self.eos_id is not None and token == self.eos_id:
@@ -107,8 +109,7 @@ class CRSMModel:
     _generation_ids = itertools.count(1)
 
     def __init__(self, backbone: MambaLM, *, tokenizer: Tokenizer | None = None, dynamics: Stepper | None = None,
-                 value_heads: ValueHeads | None = None, config: DeliberationConfig | None = None,
-                 planner_executor: concurrent.futures.Executor | None = None):
+                 value_heads: ValueHeads | None = None, config: DeliberationConfig | None = None):
         self.backbone = backbone.eval()
         self.tokenizer = tokenizer
         self.dynamics = dynamics if dynamics is not None else \
@@ -118,8 +119,7 @@ class CRSMModel:
         self.config = config or DeliberationConfig()
         # One generator thread: steps never run on the event loop, and one session's steps stay ordered.
         self._generator = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="crsm-generator")
-        self._owns_planner = planner_executor is None
-        self._planner = planner_executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="crsm-planner")
+        self._runtime: PlannerRuntime | None = None   # made on first use (on CUDA it captures graphs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
@@ -140,10 +140,24 @@ class CRSMModel:
         return cls(backbone, tokenizer=load_tokenizer(directory), dynamics=dynamics, value_heads=value_heads,
                    config=config or load_deliberation_config(directory))
 
-    def new_deliberator(self, config: DeliberationConfig | None = None) -> SessionDeliberator:
-        """A planner for one new session (its own generation id), on this model's planner threads."""
-        return SessionDeliberator(self.backbone, self.dynamics, self.value_heads, config or self.config,
-                                  next(self._generation_ids), executor=self._planner)
+    def planner_runtime(self, mode: PlannerMode = "stream", ride: RideStep | None = None,
+                        ride_rows: int = 16) -> PlannerRuntime:
+        """A new planner runtime over this model's parts ("ride" mode: steps go to `ride`, at most
+        `ride_rows` rows at a time)."""
+        return PlannerRuntime(self.backbone, self.dynamics, self.value_heads, mode=mode, ride=ride,
+                              ride_rows=ride_rows)
+
+    @property
+    def runtime(self) -> PlannerRuntime:
+        """This model's own planner runtime (stream mode), for `think_and_generate`."""
+        if self._runtime is None:
+            self._runtime = self.planner_runtime()
+        return self._runtime
+
+    def new_deliberator(self, config: DeliberationConfig | None = None,
+                        runtime: PlannerRuntime | None = None) -> SessionDeliberator:
+        """A planner for one new session (its own generation id), on `runtime` (default: the model's)."""
+        return SessionDeliberator(runtime or self.runtime, config or self.config, next(self._generation_ids))
 
     def save_pretrained(self, directory: str | Path) -> None:
         save_pretrained(self.backbone, directory, self.tokenizer)
@@ -177,8 +191,7 @@ class CRSMModel:
         generation_id = next(self._generation_ids)
         settings = replace(config or self.config, lag=deliberation_lag, enabled=use_deliberation)
         loop = asyncio.get_running_loop()
-        deliberator = SessionDeliberator(self.backbone, self.dynamics, self.value_heads, settings, generation_id,
-                                         executor=self._planner) if use_deliberation else None
+        deliberator = SessionDeliberator(self.runtime, settings, generation_id) if use_deliberation else None
         eos = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer is not None) else None
         run = _Generation(self.backbone, ids, max_length, sampling, eos, deliberator)
         closing: list[InjectionEvent] = []
@@ -200,5 +213,5 @@ class CRSMModel:
     def close(self) -> None:
         """Stop the model's threads (after every generation has returned)."""
         self._generator.shutdown(wait=True)
-        if self._owns_planner:
-            self._planner.shutdown(wait=True)
+        if self._runtime is not None:
+            self._runtime.close()

@@ -1,13 +1,24 @@
-"""Per-row sampling for a batch of sessions.
+"""Batched sampling on the device: every row its own temperature, top-k, top-p and seed.
 
-Each row has its own parameters and its own `torch.Generator`, so a seeded request draws the same
-tokens whether it runs alone or beside others in a batch (no cross-talk between rows).
+A row's random numbers come from a counter-based hash of (its seed, how many tokens it has drawn,
+the vocabulary index), not from a shared generator, so
+
+- a seeded request draws the same tokens alone or beside any others in a batch (no cross-talk), and
+- a whole batch is sampled by a fixed handful of tensor ops with no host synchronisation: the
+  counters live on the device and advance there (Gumbel-max: argmax(logits / T + Gumbel noise)
+  is an exact draw from softmax(logits / T)).
+
+`SamplingTable` holds the per-row parameters of a pool of rows, like the recurrent state pool.
 """
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B1
 
 
 @dataclass(frozen=True)
@@ -15,7 +26,7 @@ class SamplingParams:
     temperature: float = 1.0   # 0 = greedy
     top_k: int = 0             # 0 = off
     top_p: float = 1.0         # 1 = off
-    seed: int | None = None
+    seed: int | None = None    # None: a fresh random seed per request
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 100.0:
@@ -24,52 +35,118 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def make_generator(self, device: torch.device | str) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        if self.seed is None:
-            gen.seed()
+    @property
+    def filters(self) -> bool:
+        """Top-k or top-p is on (which needs a sort of the row)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+    def resolved_seed(self) -> int:
+        return secrets.randbits(63) if self.seed is None else self.seed
+
+
+# ---- counter-based random numbers ------------------------------------------------------------------
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without overflowing int64 on the way."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + ((hi * (c & 0xFFFF)) << 16)) & _M32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash (Wellons' lowbias32) of int64 values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(seeds: torch.Tensor, counters: torch.Tensor, width: int) -> torch.Tensor:
+    """seeds, counters: [B] int64 -> [B, width] float32 uniforms in (0, 1), a pure function of
+    (seed, counter, column): the same row gives the same numbers in any batch."""
+    key = hash32(hash32(seeds & _M32) ^ (seeds >> 32))                        # [B]
+    row = hash32(key ^ hash32((counters & _M32) ^ 0x5BD1E995))                # [B]
+    col = _mul32(torch.arange(width, device=seeds.device, dtype=torch.int64), _GOLDEN)
+    bits = hash32(hash32((row[:, None] + col[None, :]) & _M32) ^ row[:, None])  # [B, width]
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+# ---- filtering and drawing -------------------------------------------------------------------------
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V] (temperature-scaled); top_k: [B] long (0 = off); top_p: [B] float (1 = off).
+    Returns [B, V] with the filtered entries at -inf: top-k first, then the smallest prefix of the rest
+    whose probability reaches top_p (the most likely token always stays)."""
+    vocab = logits.shape[-1]
+    ordered, _ = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)                # [B]
+    kth = ordered.gather(1, (k - 1)[:, None])                                # [B, 1]
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    before = probs.cumsum(dim=-1) - probs                                    # mass strictly before each
+    keep = (before < top_p[:, None]).sum(dim=-1).clamp(min=1)                # [B] kept prefix length
+    threshold = torch.maximum(ordered.gather(1, (keep - 1)[:, None]), kth)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+         seeds: torch.Tensor, counters: torch.Tensor, *, filters: bool = True) -> torch.Tensor:
+    """One token per row. logits: [B, V]; temperature, top_p: [B] float; top_k, seeds, counters:
+    [B] int64. Rows with temperature 0 take the argmax. `filters=False` skips the top-k / top-p sort
+    (when no row uses them). Returns tokens [B] int64 on logits' device; nothing is synchronised."""
+    greedy = temperature <= 0
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
+    if filters:
+        scaled = filter_logits(scaled, top_k, top_p)
+    gumbel = -torch.log(-torch.log(uniform(seeds, counters, logits.shape[-1])))
+    sampled = torch.argmax(scaled + gumbel, dim=-1)
+    return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+
+
+class SamplingTable:
+    """Per-row sampling parameters and draw counters for `rows` pool rows, on `device`.
+
+    The engine sets a row when a session takes it, moves rows with the state pool, and samples rows
+    [0, n) in one call; a host mirror of the parameters says (without a sync) whether any row needs
+    the random numbers or the top-k / top-p sort."""
+
+    def __init__(self, rows: int, device: torch.device | str):
+        self.temperature = torch.zeros(rows, device=device)
+        self.top_p = torch.ones(rows, device=device)
+        self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.counters = torch.zeros(rows, dtype=torch.int64, device=device)
+        self._params: list[SamplingParams] = [SamplingParams(temperature=0.0)] * rows
+
+    def set_row(self, row: int, params: SamplingParams, seed: int) -> None:
+        """Give row `row` a session's parameters and seed, its counter at 0."""
+        self._params[row] = params
+        self.temperature[row] = params.temperature
+        self.top_p[row] = params.top_p
+        self.top_k[row] = params.top_k
+        self.seeds[row] = seed
+        self.counters[row] = 0
+
+    def move_row(self, source: int, dest: int) -> None:
+        self._params[dest] = self._params[source]
+        for t in (self.temperature, self.top_p, self.top_k, self.seeds, self.counters):
+            t[dest] = t[source]
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [n, V] for rows [0, n) -> tokens [n] on the device; those rows' counters advance."""
+        n = logits.shape[0]
+        params = self._params[:n]
+        if all(p.greedy for p in params):
+            tokens = torch.argmax(logits, dim=-1)
         else:
-            gen.manual_seed(self.seed)
-        return gen
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits: [V] (already temperature-scaled) -> [V] with filtered entries at -inf."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits: [V] -> one token id."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator]) -> torch.Tensor:
-    """logits: [B, V] -> tokens [B] (long, on logits' device). Row i uses params[i], generators[i]."""
-    if not (logits.shape[0] == len(params) == len(generators)):
-        raise ValueError("one SamplingParams and one generator per row")
-    greedy = torch.argmax(logits, dim=-1)
-    tokens = greedy.clone()
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            tokens[i] = sample_row(logits[i], p, g)
-    return tokens
+            tokens = draw(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seeds[:n],
+                          self.counters[:n], filters=any(p.filters for p in params))
+        self.counters[:n] += 1
+        return tokens

@@ -42,6 +42,11 @@ class RecurrentState:
     def n_layer(self) -> int:
         return self.conv.shape[0]
 
+    @staticmethod
+    def cat(states: "list[RecurrentState]") -> "RecurrentState":
+        """A new state holding the rows of `states`, in order."""
+        return RecurrentState(torch.cat([s.conv for s in states], dim=1), torch.cat([s.ssm for s in states], dim=1))
+
     def clone(self) -> "RecurrentState":
         return RecurrentState(self.conv.clone(), self.ssm.clone())
 

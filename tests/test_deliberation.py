@@ -14,6 +14,7 @@ from crsm_core.dynamics import DynamicsConfig, LatentDynamics
 from crsm_core.injection import InjectionOutcome, default_layer_weights
 from crsm_core.model import CRSMModel
 from crsm_core.planner import PlannerConfig
+from crsm_core.planner.runtime import PlannerRuntime
 from crsm_core.sampling import SamplingParams
 from crsm_core.tokenizer import ByteTokenizer
 from crsm_core.value import ValueHeads, ValueHeadsConfig
@@ -55,6 +56,17 @@ class SlowStepper:
         return self.inner.step(tokens, state)
 
 
+def deliberator(backbone, dynamics, heads, config, generation_id):
+    """A session deliberator on a runtime of its own (closed with `close_all`)."""
+    return SessionDeliberator(PlannerRuntime(backbone, dynamics, heads), config, generation_id)
+
+
+async def close_all(delib):
+    events = await delib.close()
+    delib.runtime.close()
+    return events
+
+
 def prefilled(backbone, length=10):
     state = backbone.allocate_state(1)
     with torch.no_grad():
@@ -72,7 +84,7 @@ async def test_disagreeing_heads_veto_and_agreeing_heads_gate(backbone, dynamics
     cfg = backbone.config
     tokens = torch.randint(0, 256, (20,)).tolist()
     # disagreeing heads: std over [-2, 2, -2, 2] = 2 > 0.5 -> vetoed, alpha 0
-    delib = SessionDeliberator(backbone, dynamics, constant_heads(cfg, [-2.0, 2.0, -2.0, 2.0]), sync_config(), 1)
+    delib = deliberator(backbone, dynamics, constant_heads(cfg, [-2.0, 2.0, -2.0, 2.0]), sync_config(), 1)
     state, logits = prefilled(backbone)
     entry = delib.plan(state.clone(), 10, logits)
     assert entry.vetoed and entry.spread == pytest.approx(2.0) and torch.equal(entry.alpha, torch.zeros(4))
@@ -85,8 +97,8 @@ async def test_disagreeing_heads_veto_and_agreeing_heads_gate(backbone, dynamics
     assert [e.outcome for e in events] == [InjectionOutcome.VETOED] and suggestion is None
     assert torch.equal(state.ssm, before.ssm) and torch.equal(state.conv, before.conv)
     # agreeing heads: spread 0, alpha = rate * weight * sigmoid(v)
-    delib = SessionDeliberator(backbone, dynamics, constant_heads(cfg, [1.5] * 4),
-                               sync_config(use_suggestions=True), 2)
+    await close_all(delib)
+    delib = deliberator(backbone, dynamics, constant_heads(cfg, [1.5] * 4), sync_config(use_suggestions=True), 2)
     state, logits = prefilled(backbone)
     entry = delib.plan(state.clone(), 10, logits)
     assert not entry.vetoed and entry.spread == pytest.approx(0.0, abs=1e-6)
@@ -97,8 +109,8 @@ async def test_disagreeing_heads_veto_and_agreeing_heads_gate(backbone, dynamics
         backbone.prefill(torch.tensor([tokens[10:13]]), state)
     events, suggestion = delib.apply_due(13, state, tokens)
     assert [e.outcome for e in events] == [InjectionOutcome.APPLIED] and suggestion == entry.action
-    await delib.close()
-    await SessionDeliberator(backbone, dynamics, constant_heads(cfg, [0.0] * 4), sync_config(), 3).close()
+    await close_all(delib)
+    await close_all(deliberator(backbone, dynamics, constant_heads(cfg, [0.0] * 4), sync_config(), 3))
 
 
 def log_of(result):
@@ -202,8 +214,8 @@ async def test_generator_runs_to_the_end_while_its_planner_is_stuck(backbone, dy
             assert release.wait(timeout=30)
             return dynamics.step(tokens, state)
 
-    delib = SessionDeliberator(backbone, Stuck(), constant_heads(backbone.config, [0.0] * 4),
-                               DeliberationConfig(planner=SMALL_PLANNER), generation_id=4)
+    delib = deliberator(backbone, Stuck(), constant_heads(backbone.config, [0.0] * 4),
+                        DeliberationConfig(planner=SMALL_PLANNER), generation_id=4)
     state, logits = prefilled(backbone, length=5)
     tokens = list(range(5))
     with torch.no_grad():
@@ -217,7 +229,7 @@ async def test_generator_runs_to_the_end_while_its_planner_is_stuck(backbone, dy
     counters = delib.counters()
     assert counters["launched"] == 1 and counters["skipped"] == 199 and counters["produced"] == 0
     release.set()
-    await delib.close()
+    await close_all(delib)
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
@@ -236,23 +248,27 @@ async def test_planner_results_are_all_accounted_for_with_a_moderately_slow_plan
 
 
 async def test_closing_cancels_the_planner_task_and_stops_its_worker(backbone, dynamics):
-    delib = SessionDeliberator(backbone, SlowStepper(dynamics, 0.05), constant_heads(backbone.config, [0.0] * 4),
-                               DeliberationConfig(planner=SMALL_PLANNER), generation_id=9)
+    delib = deliberator(backbone, SlowStepper(dynamics, 0.05), constant_heads(backbone.config, [0.0] * 4),
+                        DeliberationConfig(planner=SMALL_PLANNER), generation_id=9)
     state, logits = prefilled(backbone)
     delib.observe(10, state, logits)
     await asyncio.sleep(0.02)
     assert delib.busy and len(asyncio.all_tasks()) == 2
     start = time.perf_counter()
     events = await delib.close()
-    assert time.perf_counter() - start < 0.5          # the worker stops at its next step
+    assert time.perf_counter() - start < 0.5
     assert events == [] and not delib.busy
     assert asyncio.all_tasks() == {asyncio.current_task()}
-    assert not [t for t in threading.enumerate() if t.name.startswith("crsm-planner")]
+    while not delib.runtime.idle:                     # the worker stops at its next step
+        assert time.perf_counter() - start < 0.5
+        await asyncio.sleep(0.005)
     assert delib.counters() == dict(produced=0, applied=0, applied_late=0, pruned=0, vetoed=0, rejected=0,
                                     launched=1, skipped=0, cancelled=1, failed=0, simulations=0, state_steps=0)
     delib.observe(11, state, logits)                  # closed: nothing starts
     await asyncio.sleep(0.01)
     assert asyncio.all_tasks() == {asyncio.current_task()} and delib.counters()["launched"] == 1
+    delib.runtime.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("crsm-planner")]
 
 
 async def test_cancelling_a_generation_leaves_no_task_behind(backbone, dynamics):

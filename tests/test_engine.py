@@ -1,7 +1,6 @@
 """The engine without HTTP: batched decoding equals one-at-a-time decoding, chunked prefill interleaves
 with decoding, stop/eos/length, cancellation, the bounded queue and shutdown."""
 import asyncio
-import itertools
 import time
 from dataclasses import replace
 
@@ -10,13 +9,13 @@ import torch
 
 from crsm_core.backbone import MambaLM
 from crsm_core.config import tiny_config
-from crsm_core.deliberation import DeliberationConfig, SessionDeliberator
+from crsm_core.deliberation import DeliberationConfig
 from crsm_core.engine import (DoneEvent, Engine, EngineClosed, EngineConfig, ErrorEvent, GenerationRequest,
                               QueueFull, RequestError, TokenEvent)
 from crsm_core.injection import InjectionOutcome
 from crsm_core.model import CRSMModel
 from crsm_core.planner import PlannerConfig
-from crsm_core.sampling import SamplingParams, sample_batch
+from crsm_core.sampling import SamplingParams, SamplingTable
 from crsm_core.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -43,9 +42,10 @@ def reference_generate(model: MambaLM, prompt: list[int], max_tokens: int, param
     with torch.no_grad():
         state = model.allocate_state(1)
         logits = model.prefill(torch.tensor([prompt]), state)
-        generator, tokens = params.make_generator("cpu"), []
+        sampler, tokens = SamplingTable(1, "cpu"), []
+        sampler.set_row(0, params, params.resolved_seed())
         for _ in range(max_tokens):
-            tokens.append(int(sample_batch(logits, [params], [generator])[0]))
+            tokens.append(int(sampler.sample(logits)[0]))
             logits = model.step(torch.tensor([tokens[-1]]), state)
     return tokens
 
@@ -243,12 +243,7 @@ def steerable() -> CRSMModel:
 
 
 def deliberating_engine(crsm: CRSMModel, config: EngineConfig) -> Engine:
-    ids = itertools.count(1)
-
-    def factory(req: GenerationRequest) -> SessionDeliberator:
-        return SessionDeliberator(crsm.backbone, crsm.dynamics, crsm.value_heads, req.deliberation, next(ids))
-
-    engine = Engine(crsm.backbone, TOKENIZER, config, deliberator_factory=factory)
+    engine = Engine.for_model(crsm, config)
     engine.start()
     return engine
 

@@ -1,0 +1,286 @@
+"""The planner runtime: one worker that plans for every deliberating session of a model.
+
+Sessions hand it snapshots (`PlanRequest`); the worker takes every request queued and runs them as
+ONE batched fast-forward and ONE batched search over R roots (mctx-style: the tree is R trees of
+tensors), then gates each root's result with its own session's settings. Batching matters twice:
+a round of the search costs about the same for 1 or 16 roots (small kernels, a fixed number of
+tree ops), and one Python thread, not one per session, competes with the generator for the GIL.
+
+Where the steps run (`PlannerMode`):
+- "stream": the worker's kernels run on a low-priority CUDA stream; state steps (latent dynamics or
+  the exact backbone) are replayed from CUDA graphs over a private row pool.
+- "ride": state steps are handed to the generator, whose batched decode step carries them as extra
+  rows (`RideStep`); the worker keeps only the tree work and the value heads. Every step is then an
+  exact backbone step, whatever the session's fast_forward / children setting.
+
+Off the GPU both modes are plain eager computation on the CPU, in the same order.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import torch
+
+from ..backbone import MambaLM
+from ..backbone.graphs import CapturedStepper
+from ..dynamics import Stepper, fast_forward
+from ..injection import TargetEntry, gates
+from ..state import RecurrentState
+from ..streams import Lane, hand_over, record_current, wait
+from ..value import ValueHeads, spread
+from .search import search
+
+if TYPE_CHECKING:
+    from ..deliberation import DeliberationConfig, SessionDeliberator
+
+log = logging.getLogger(__name__)
+
+PlannerMode = Literal["stream", "ride"]
+PLANNER_MODES: tuple[str, ...] = ("stream", "ride")
+# Rows a captured planner stepper steps per replay (more are done in several replays).
+CAPTURED_ROWS = 64
+
+
+class PlanCancelled(Exception):
+    """Raised inside the worker when every session of the batch in hand has closed."""
+
+
+class RideStep(Protocol):
+    """The generator's side of "ride" mode: step `state` (K rows, on the caller's stream) by `tokens`
+    [K] inside its next batched decode step; returns (logits [K, V], an event after the rows are back)."""
+
+    def __call__(self, tokens: torch.Tensor, state: RecurrentState) -> concurrent.futures.Future: ...
+
+
+@dataclass
+class PlanRequest:
+    """One session's snapshot S_t, taken by the generator, to plan from."""
+    deliberator: "SessionDeliberator"
+    snapshot: RecurrentState                # 1 row, S_t (consumed by the plan)
+    logits: torch.Tensor                    # [1, V]: the distribution of token t
+    position: int                           # t
+    captured_at: float = field(default_factory=time.monotonic)
+    ready: torch.cuda.Event | None = None   # after the snapshot copies, on the generator's stream
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    @property
+    def config(self) -> "DeliberationConfig":
+        return self.deliberator.config
+
+    @property
+    def search_key(self) -> tuple:
+        """Requests with equal keys can share one batched search."""
+        c = self.config
+        return c.lag, c.fast_forward, c.children, c.planner
+
+
+class _RideStepper:
+    """A stepper whose steps ride in the generator's batch (blocking the worker until they are done).
+    K rows go as pieces of at most `rows` rows, all handed over at once (the generator takes as many
+    as fit into each of its steps)."""
+
+    def __init__(self, ride: RideStep, rows: int):
+        self.ride, self.rows = ride, rows
+
+    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        pieces = [slice(i, min(i + self.rows, tokens.shape[0])) for i in range(0, tokens.shape[0], self.rows)]
+        futures = [self.ride(tokens[p], state.rows(p)) for p in pieces]
+        out = []
+        for future in futures:
+            logits, done = future.result()
+            wait(done)
+            hand_over(logits)
+            out.append(logits)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+class PlannerRuntime:
+    """Plans for many sessions from one worker thread (started on the first request)."""
+
+    def __init__(self, backbone: MambaLM, dynamics: Stepper, value_heads: ValueHeads, *,
+                 mode: PlannerMode = "stream", ride: RideStep | None = None, ride_rows: int = 16,
+                 max_roots: int = 64):
+        if mode not in PLANNER_MODES:
+            raise ValueError(f"planner mode must be one of {PLANNER_MODES}, got {mode!r}")
+        if (mode == "ride") != (ride is not None):
+            raise ValueError("ride mode needs the generator's ride step, and only ride mode takes one")
+        self.backbone, self.value_heads, self.mode, self.max_roots = backbone, value_heads, mode, max_roots
+        self.device = backbone.device
+        self.lane = Lane(self.device, "low")
+        on_gpu = self.device.type == "cuda"
+        if ride is not None:
+            exact = _RideStepper(ride, ride_rows)
+            self._steppers: dict[str, Stepper] = {"dynamics": exact, "exact": exact}
+            self._catch_up: Stepper = exact
+            # The generator's own catch-ups must not wait for its own next step.
+            self.generator_step: Stepper = CapturedStepper(backbone, backbone.step, 1) if on_gpu else backbone
+        else:
+            exact = CapturedStepper(backbone, backbone.step, CAPTURED_ROWS) if on_gpu else backbone
+            latent = CapturedStepper(backbone, dynamics.step, CAPTURED_ROWS) if on_gpu else dynamics
+            self._steppers = {"dynamics": latent, "exact": exact}
+            self._catch_up = exact
+            # The generator catches late entries up through a token or two itself; eager, a step on the
+            # GPU would stall it for a few hundred kernel launches.
+            self.generator_step = CapturedStepper(backbone, backbone.step, 1) if on_gpu else backbone
+        self._cond = threading.Condition()
+        self._queue: deque[PlanRequest] = deque()
+        self._batch: list[PlanRequest] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.batches = 0        # searches run (each over one or more sessions' roots)
+
+    # ---- callers ------------------------------------------------------------------------------
+
+    def submit(self, request: PlanRequest) -> concurrent.futures.Future:
+        """Queue a request; its future gets the TargetEntry (or PlanCancelled, or the planner's error)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the planner runtime is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="crsm-planner", daemon=True)
+                self._thread.start()
+            self._queue.append(request)
+            self._cond.notify()
+        return request.future
+
+    def plan_now(self, requests: list[PlanRequest]) -> list[TargetEntry]:
+        """Plan inline on the calling thread and stream (the synchronous, deterministic mode)."""
+        return self._plan(requests)
+
+    def close(self) -> None:
+        """Stop the worker after the batch in hand; queued requests are cancelled."""
+        with self._cond:
+            self._closed = True
+            for request in self._queue:
+                request.future.cancel()
+            self._queue.clear()
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._batch
+
+    # ---- the worker ---------------------------------------------------------------------------
+
+    def _take(self) -> list[PlanRequest] | None:
+        """Wait for requests; take the first and every queued one that can share its search."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            key, batch, rest = self._queue[0].search_key, [], deque()
+            while self._queue:
+                request = self._queue.popleft()
+                (batch if request.search_key == key and len(batch) < self.max_roots else rest).append(request)
+            self._queue = rest
+            self._batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            return self._batch
+
+    def _run(self) -> None:
+        with torch.no_grad(), self.lane.active():
+            while (batch := self._take()) is not None:
+                if not batch:
+                    continue
+                try:
+                    entries = self._plan(batch)
+                except PlanCancelled as e:
+                    for request in batch:
+                        request.future.set_exception(e)
+                except Exception as e:  # a planner bug fails these plans, not the worker or the sessions
+                    log.exception("planning failed for %d session(s)", len(batch))
+                    for request in batch:
+                        request.future.set_exception(e)
+                else:
+                    for request, entry in zip(batch, entries):
+                        request.future.set_result(entry)
+                finally:
+                    with self._cond:
+                        self._batch = []
+
+    # ---- one batched plan ---------------------------------------------------------------------
+
+    def _plan(self, requests: list[PlanRequest]) -> list[TargetEntry]:
+        """From R snapshots S_t: fast-forward each to p = t + lag (greedy), one search over the R roots,
+        then per root: the best action, its target state T_p, gates from its session's settings."""
+        for request in requests:
+            wait(request.ready)
+            hand_over(request.snapshot, request.logits)
+        cfg = requests[0].config
+        states = RecurrentState.cat([r.snapshot for r in requests])           # R rows
+        logits = torch.cat([r.logits for r in requests])                      # [R, V]
+        ahead = fast_forward(_Guarded(self._steppers[cfg.fast_forward], self), states, steps=cfg.lag,
+                             logits=logits)
+        result = search(states, ahead.logits, _Guarded(self._steppers[cfg.children], self).step, self.value_heads,
+                        cfg.planner)
+        layer_values = result.layer_values.float()                            # [R, L] (CPU)
+        actions = result.action.tolist()
+        stats = {k: float(v) for k, v in asdict(result.stats).items()}
+        steps_per_root = cfg.lag + result.stats.expansions / len(requests)
+        entries = []
+        for i, request in enumerate(requests):
+            c = request.config
+            values = layer_values[i]
+            disagreement = float(spread(values))
+            vetoed = disagreement > c.veto_threshold
+            alpha = torch.zeros_like(values) if vetoed else \
+                gates(values, c.injection_rate, c.weights(self.backbone.config.n_layer))
+            entries.append(TargetEntry(
+                generation_id=request.deliberator.generation_id, target_position=request.position + c.lag,
+                captured_position=request.position, action=actions[i],
+                target_state=result.target_state.rows(slice(i, i + 1)), alpha=alpha, vetoed=vetoed,
+                spread=disagreement, planner_stats=stats, captured_at=request.captured_at))
+            request.deliberator.record_plan(int(result.stats.simulations) // len(requests), steps_per_root)
+        self._catch_up_late(requests, entries)
+        ready = self.lane.record() if threading.current_thread() is self._thread else record_current(self.device)
+        for entry in entries:
+            entry.ready = ready
+        self.batches += 1
+        return entries
+
+    def _catch_up_late(self, requests: list[PlanRequest], entries: list[TargetEntry]) -> None:
+        """Advance (exact steps, batched over sessions) the targets whose position the generator has
+        already passed, through the tokens it produced meanwhile, so it is left little to do itself.
+        Hopeless entries (more than max_lag late) and vetoed ones are left as they are."""
+        todo = []
+        for request, entry in zip(requests, entries):
+            tokens = request.deliberator.tokens_so_far()
+            late = len(tokens) - entry.target_position
+            if 0 < late <= request.config.max_lag and not entry.vetoed:
+                todo.append((entry, tokens))
+        if not todo:
+            return
+        step = _Guarded(self._catch_up, self).step
+        for _ in range(max(len(tokens) - entry.target_position for entry, tokens in todo)):
+            active = [(e, t) for e, t in todo if len(t) > e.state_position]
+            states = RecurrentState.cat([e.target_state for e, _ in active])
+            ids = torch.tensor([t[e.state_position] for e, t in active], dtype=torch.long, device=self.device)
+            step(ids, states)
+            for k, (entry, _) in enumerate(active):
+                entry.target_state.copy_(states.rows(slice(k, k + 1)))
+                entry.state_position += 1
+        for entry, _ in todo:
+            entry.refresh_finite()
+
+
+class _Guarded:
+    """A stepper that stops the worker at its next step once every session of its batch has closed."""
+
+    def __init__(self, stepper: Stepper, runtime: PlannerRuntime):
+        self.stepper, self.runtime = stepper, runtime
+
+    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        batch = self.runtime._batch
+        if batch and all(r.deliberator.closed for r in batch):
+            raise PlanCancelled()
+        return self.stepper.step(tokens, state)
+
