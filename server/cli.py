@@ -61,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_sessions=args.max_sessions,
             max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
             queue_size=args.queue_size, prefill_chunk=args.prefill_chunk, shutdown_drain_s=args.shutdown_drain_s,
-            torch_threads=args.torch_threads,
+            torch_threads=args.torch_threads, planner_mode=args.planner_mode, ride_rows=args.ride_rows,
             deliberation_enabled=args.deliberation, deliberation_lag=args.deliberation_lag,
             deliberation_simulations=args.deliberation_simulations,
             deliberation_injection_rate=args.injection_rate, deliberation_use_suggestions=args.use_suggestions)
@@ -92,6 +92,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled between two decode steps")
     p.add_argument("--shutdown-drain-s", type=float, help="seconds running sessions get to finish on shutdown")
     p.add_argument("--torch-threads", type=int, help="CPU threads for model work (default: torch's)")
+    p.add_argument("--planner-mode", choices=("stream", "ride"),
+                   help="GPU planner work on its own low-priority stream, or riding in the decode step")
+    p.add_argument("--ride-rows", type=int, help="ride mode: planner rows per decode step at most")
     p.add_argument("--deliberation", action=argparse.BooleanOptionalAction, default=None,
                    help="deliberation on by default for requests that do not say")
     p.add_argument("--deliberation-lag", type=int)

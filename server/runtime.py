@@ -72,7 +72,7 @@ class Runtime:
             raise ValueError(f"{s.model_dir} has no tokenizer")
         config = EngineConfig(max_sessions=s.max_sessions, queue_size=s.queue_size, prefill_chunk=s.prefill_chunk,
                               max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
-                              retry_after_s=s.retry_after_s)
+                              retry_after_s=s.retry_after_s, planner_mode=s.planner_mode, ride_rows=s.ride_rows)
         return Engine.for_model(self.model, config, listener=self.metrics)
 
     def start_loading(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,6 +37,9 @@ class ServerSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1)
     shutdown_drain_s: float = Field(10.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # CPU intra-op threads; None = torch's default
+    # where planner work runs on a GPU (crsm_core/planner/runtime.py); docs/benchmarks.md measures both
+    planner_mode: Literal["stream", "ride"] = "stream"
+    ride_rows: int = Field(16, ge=1)       # "ride": planner rows carried by one decode step at most
     # deliberation: the defaults of requests that do not say; None = the model's own setting
     deliberation_enabled: bool = False
     deliberation_lag: int | None = Field(None, ge=1)

@@ -151,6 +151,9 @@ class PlannerRuntime:
 
     def plan_now(self, requests: list[PlanRequest]) -> list[TargetEntry]:
         """Plan inline on the calling thread and stream (the synchronous, deterministic mode)."""
+        if self.mode == "ride":
+            # the caller is (or waits on) the generator, whose next step would carry these rows: never
+            raise RuntimeError("synchronous planning cannot ride in the generator's step; use the stream mode")
         return self._plan(requests)
 
     def close(self) -> None:
