@@ -1,0 +1,124 @@
+"""The engine on the GPU (fused backbone, captured decode and prefill graphs, on-device sampling,
+planners on their own stream or riding in the decode step), against the reference backbone.
+
+Greedy tokens are checked by teacher forcing: the reference (fp32, same bf16-rounded weights) reads the
+engine's own tokens, and at every position the engine's token must be the reference's argmax unless the
+reference's top two logits are within a tie margin (random weights give nearly flat logits, and bf16
+arithmetic moves near-ties either way). A wrong token that is not a near-tie fails the test.
+"""
+import asyncio
+
+import pytest
+import torch
+
+from crsm_core.backbone import build_backbone, fused_available
+from crsm_core.backbone.graphs import CapturedPrefill
+from crsm_core.config import MambaConfig
+from crsm_core.deliberation import DeliberationConfig
+from crsm_core.engine import Engine, EngineConfig, GenerationRequest
+from crsm_core.model import CRSMModel
+from crsm_core.planner import PlannerConfig
+from crsm_core.sampling import SamplingParams
+from crsm_core.tokenizer import ByteTokenizer
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not fused_available(), reason="needs CUDA and mamba_ssm")]
+
+CONFIG = MambaConfig(d_model=768, n_layer=24, vocab_size=50277)
+TIE_MARGIN = 0.05     # reference logits closer than this at the top count as a tie
+N_TOKENS = 256
+
+
+class IdTokenizer(ByteTokenizer):
+    """Token ids only (the engine decodes text; ids above 255 decode to nothing); no eos in use."""
+    eos_id = -1
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    fused = build_backbone(CONFIG, "cuda", torch.bfloat16, impl="fused")
+    reference = build_backbone(CONFIG, "cuda", torch.float32, impl="reference")
+    reference.load_state_dict({k: v.float() for k, v in fused.state_dict().items()})
+    return fused, reference
+
+
+def check_teacher_forced(reference, prompt: list[int], tokens: list[int]) -> tuple[int, int]:
+    """Returns (tokens checked, near-ties where the engine's token was not the reference's argmax)."""
+    with torch.no_grad():
+        state = reference.allocate_state(1)
+        logits = reference.prefill(torch.tensor([prompt], device="cuda"), state)[0]
+        ties = 0
+        for token in tokens:
+            top2 = torch.topk(logits, 2)
+            if token != int(top2.indices[0]):
+                margin = float(top2.values[0] - logits[token])
+                assert margin <= TIE_MARGIN, f"token {token} is {margin:.3f} below the reference's argmax"
+                ties += 1
+            logits = reference.step(torch.tensor([token], device="cuda"), state)[0]
+    return len(tokens), ties
+
+
+async def run(engine: Engine, requests: list[GenerationRequest]):
+    engine.start()
+    try:
+        return await asyncio.gather(*(s.collect() for s in engine.submit_all(requests)))
+    finally:
+        await engine.shutdown()
+
+
+def greedy(prompt, n=N_TOKENS, deliberation=None):
+    return GenerationRequest(tuple(prompt), n, SamplingParams(temperature=0.0), ignore_eos=True,
+                             deliberation=deliberation)
+
+
+@torch.no_grad()
+def test_captured_prefill_matches_the_eager_prefill(models):
+    fused, _ = models
+    prefill = CapturedPrefill(fused, max_piece=256)
+    ids = torch.randint(0, CONFIG.vocab_size, (300,), device="cuda")
+    prefill.begin()
+    prefill.feed(ids[:256])
+    logits = prefill.feed(ids[256:])                     # 44 = 32 + 8 + 4: three more replays
+    state = fused.allocate_state(1)
+    eager = fused.prefill(ids[None], state)
+    torch.testing.assert_close(logits.float(), eager.float(), rtol=0, atol=2e-2 * eager.float().abs().max().item())
+    rel = ((prefill.scratch.ssm.float() - state.ssm.float()).norm() / state.ssm.float().norm()).item()
+    assert rel < 2e-2, rel
+
+
+def test_engine_greedy_tokens_follow_the_reference(models):
+    fused, reference = models
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, CONFIG.vocab_size, (n,)).tolist() for n in (17, 300, 5, 64)]
+    engine = Engine(fused, IdTokenizer(), EngineConfig(max_sessions=8, prefill_chunk=256))
+    results = asyncio.run(run(engine, [greedy(p) for p in prompts]))
+    checked = ties = 0
+    for prompt, result in zip(prompts, results):
+        assert len(result.token_ids) == N_TOKENS
+        n, t = check_teacher_forced(reference, prompt, result.token_ids)
+        checked, ties = checked + n, ties + t
+    assert ties <= 0.05 * checked, (ties, checked)
+
+
+@pytest.mark.parametrize("mode", ["stream", "ride"])
+def test_planners_run_on_the_gpu_and_leave_the_generator_exact(models, mode):
+    fused, reference = models
+    crsm = CRSMModel(fused, tokenizer=IdTokenizer(),
+                     config=DeliberationConfig(planner=PlannerConfig(n_simulations=8, leaf_batch=4),
+                                               injection_rate=0.0))
+    engine = Engine.for_model(crsm, EngineConfig(max_sessions=4, planner_mode=mode, ride_rows=8))
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, CONFIG.vocab_size, (12,)).tolist() for _ in range(3)]
+    try:
+        # injection rate 0: every plan runs and resolves, and the tokens must stay the reference's
+        results = asyncio.run(run(engine, [greedy(p, 128, crsm.config) for p in prompts]))
+    finally:
+        crsm.close()
+    for prompt, result in zip(prompts, results):
+        c = result.done.deliberation
+        assert c["failed"] == 0 and c["produced"] >= 1 and c["state_steps"] > 0
+        assert c["launched"] == c["produced"] + c["cancelled"]
+        assert c["produced"] == c["applied"] + c["applied_late"] + c["pruned"] + c["vetoed"] + c["rejected"]
+        assert c["rejected"] == 0
+        n, ties = check_teacher_forced(reference, prompt, result.token_ids)
+        assert ties <= 0.05 * n
