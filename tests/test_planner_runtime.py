@@ -146,3 +146,27 @@ async def test_a_closed_sessions_plan_is_dropped(crsm):
     c = delib.counters()
     assert (c["launched"], c["cancelled"], c["produced"]) == (1, 1, 0)
     runtime.close()
+
+
+async def test_an_inline_plan_is_not_stopped_by_the_workers_closed_batch(crsm):
+    """The worker holds a plan of a closed session; a synchronous plan of a live session meanwhile runs."""
+    runtime = crsm.planner_runtime()
+    release = threading.Event()
+
+    class Held:
+        def step(self, tokens, state):
+            assert release.wait(timeout=30)
+            return crsm.backbone.step(tokens, state)
+
+    runtime._steppers["exact"] = Held()
+    closed = SessionDeliberator(runtime, DeliberationConfig(lag=2, fast_forward="exact", planner=PLANNER), 1)
+    (state, logits), = snapshots(crsm.backbone, 1)
+    closed.observe(9, state, logits)
+    while runtime.idle:
+        await asyncio.sleep(0.001)
+    await closed.close()
+    live = SessionDeliberator(runtime, replace(EXACT, fast_forward="dynamics", children="dynamics"), 2)
+    entry = live.plan(state.clone(), 9, logits.clone())
+    assert entry.generation_id == 2 and entry.target_position == 11
+    release.set()
+    runtime.close()

@@ -221,9 +221,9 @@ class PlannerRuntime:
         cfg = requests[0].config
         states = RecurrentState.cat([r.snapshot for r in requests])           # R rows
         logits = torch.cat([r.logits for r in requests])                      # [R, V]
-        ahead = fast_forward(_Guarded(self._steppers[cfg.fast_forward], self), states, steps=cfg.lag,
+        ahead = fast_forward(_Guarded(self._steppers[cfg.fast_forward], requests), states, steps=cfg.lag,
                              logits=logits)
-        result = search(states, ahead.logits, _Guarded(self._steppers[cfg.children], self).step, self.value_heads,
+        result = search(states, ahead.logits, _Guarded(self._steppers[cfg.children], requests).step, self.value_heads,
                         cfg.planner)
         layer_values = result.layer_values.float()                            # [R, L] (CPU)
         actions = result.action.tolist()
@@ -262,7 +262,7 @@ class PlannerRuntime:
                 todo.append((entry, tokens))
         if not todo:
             return
-        step = _Guarded(self._catch_up, self).step
+        step = _Guarded(self._catch_up, requests).step
         for _ in range(max(len(tokens) - entry.target_position for entry, tokens in todo)):
             active = [(e, t) for e, t in todo if len(t) > e.state_position]
             states = RecurrentState.cat([e.target_state for e, _ in active])
@@ -276,14 +276,13 @@ class PlannerRuntime:
 
 
 class _Guarded:
-    """A stepper that stops the worker at its next step once every session of its batch has closed."""
+    """A stepper that stops a plan at its next step once every session it plans for has closed."""
 
-    def __init__(self, stepper: Stepper, runtime: PlannerRuntime):
-        self.stepper, self.runtime = stepper, runtime
+    def __init__(self, stepper: Stepper, requests: list[PlanRequest]):
+        self.stepper, self.requests = stepper, requests
 
     def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        batch = self.runtime._batch
-        if batch and all(r.deliberator.closed for r in batch):
+        if all(r.deliberator.closed for r in self.requests):
             raise PlanCancelled()
         return self.stepper.step(tokens, state)
 
