@@ -79,12 +79,14 @@ def test_deliberation_section(quick_run):
         check_run(r["off"], r["sessions"], settings.deliberation_tokens, settings.warmup_gaps)
         check_run(r["on"], r["sessions"], settings.deliberation_tokens, settings.warmup_gaps)
         assert r["p50_ratio"] == pytest.approx(r["on"]["itl"]["p50_ms"] / r["off"]["itl"]["p50_ms"])
-        assert r["p99_ratio"] > 0 and r["state_steps_per_s"] >= 0
+        assert r["p99_ratio"] > 0 and r["state_steps_per_s"] >= 0 and r["dynamics_steps_per_s"] >= 0
         assert r["state_steps"] == r["counters"]["state_steps"]
         assert r["plans_launched"] >= 1 and 0 <= r["plans_finished"] <= r["plans_launched"]
         assert set(r["injections"]) == {"applied", "applied_late", "pruned", "vetoed", "rejected"}
     # plans of the light --quick planner finish within the sessions somewhere, so the rate is measured
     assert sum(r["state_steps"] for r in rows) > 0
+    # every counted state-step of a finished plan went through the dynamics (plus its lag fast-forward)
+    assert sum(r["dynamics_steps_per_s"] for r in rows) > 0
 
 
 def test_http_section(quick_run):
@@ -109,7 +111,7 @@ def test_targets_and_markdown(quick_run):
         assert t["measured"] is not None and t["met"] in (True, False) and t["margin"]
     assert targets["engine ITL p50, 1 session"]["measured"] == \
         data["sections"]["engine"]["result"]["runs"][0]["itl"]["p50_ms"]
-    for row in ("### Targets", "| engine ITL p50, 1 session | <= 1.3 ms |", "| 1 | greedy |", "| 64 | temperature 1 |",
+    for row in ("#### Targets", "| engine ITL p50, 1 session | <= 1.3 ms |", "| 1 | greedy |", "| 64 | temperature 1 |",
                 "| crsm engine | 64 |", "| stream | 16 |", "| ride | 1 |", "| 16 | ", "p99 ratio", "4,096-token prompt"):
         assert row in markdown, row
 
@@ -122,7 +124,7 @@ def test_docs_section_is_replaced_and_the_text_around_it_kept(quick_run, tmp_pat
     write_docs(doc, run)  # a rerun replaces its own section, once
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nwritten by hand\n\n") and text.endswith(f"{END}\n\nnotes after\n")
-    assert "old numbers" not in text and text.count(BEGIN) == 1 and "## Serving benchmark" in text
+    assert "old numbers" not in text and text.count(BEGIN) == 1 and "### Latest run" in text
 
 
 def test_generated_section_without_markers_is_appended(tmp_path):

@@ -122,7 +122,7 @@ def _baselines(run: BenchRun) -> list[str]:
 
 def _deliberation(run: BenchRun) -> list[str]:
     header = ["planner mode", "sessions", "ITL p50 off / on (ms)", "p50 ratio", "ITL p99 off / on (ms)", "p99 ratio",
-              "state-steps/s", "plans launched / finished", "injections: applied / late / pruned / vetoed / rejected"]
+              "state-steps/s", "dynamics steps/s", "plans launched / finished", "injections: applied / late / pruned / vetoed / rejected"]
     outcome = run.sections.get("deliberation")
     missing = _not_ok(outcome, len(header))
     if missing is not None:
@@ -133,7 +133,8 @@ def _deliberation(run: BenchRun) -> list[str]:
         i = r.injections
         rows.append([r.planner_mode, str(r.sessions), f"{_ms(r.off.itl.p50_ms)} / {_ms(r.on.itl.p50_ms)}",
                      f"{r.p50_ratio:.2f}x", f"{_ms(r.off.itl.p99_ms)} / {_ms(r.on.itl.p99_ms)}", f"{r.p99_ratio:.2f}x",
-                     _rate(r.state_steps_per_s), f"{r.plans_launched} / {r.plans_finished}",
+                     _rate(r.state_steps_per_s), _rate(r.dynamics_steps_per_s),
+                     f"{r.plans_launched} / {r.plans_finished}",
                      " / ".join(str(i[k]) for k in ("applied", "applied_late", "pruned", "vetoed", "rejected"))])
     planner = result.deliberation_config["planner"]
     config = result.deliberation_config
@@ -146,7 +147,8 @@ def _deliberation(run: BenchRun) -> list[str]:
             f"`{config['children']}`, {planner['n_simulations']} simulations, top-k {planner['top_k']}, depth "
             f"{planner['max_depth']}; untrained dynamics and value heads. State-steps/s: the done events' "
             "`state_steps` summed over sessions, over the planners-on run's wall time; a plan still running when "
-            "its session ends is cancelled and not counted (launched minus finished)."]
+            "its session ends is cancelled and not counted (launched minus finished). Dynamics steps/s: the rows "
+            "the planners advanced through the dynamics model during the run, finished plans or not."]
 
 
 def _http(run: BenchRun) -> list[str]:
@@ -171,15 +173,15 @@ def _http(run: BenchRun) -> list[str]:
 
 
 def render_markdown(run: BenchRun) -> str:
-    lines = ["## Serving benchmark (`crsm bench`)", "", *_meta_lines(run), "", "### Targets", "", *_targets(run),
-             "", "### Engine, no HTTP", "",
+    lines = ["### Latest run", "", *_meta_lines(run), "", "#### Targets", "", *_targets(run),
+             "", "#### Engine, no HTTP", "",
              "Sessions submitted together to `Engine` (no deliberation); timestamps from the generator thread.", "",
-             *_engine(run), "", "### Against mamba_ssm's and transformers' generate", "",
+             *_engine(run), "", "#### Against mamba_ssm's and transformers' generate", "",
              "Same config and weights; per-token timestamps from a streamer that synchronises the GPU at each "
              "token. Every row of a batch gets its token at the same step, so batch = concurrent streams.", "",
-             *_baselines(run), "", "### Deliberation overhead", "",
+             *_baselines(run), "", "#### Deliberation overhead", "",
              "The same engine with planners off, then on, back to back, per planner mode.", "",
-             *_deliberation(run), "", "### End to end over HTTP", "",
+             *_deliberation(run), "", "#### End to end over HTTP", "",
              "The server (uvicorn, loopback) and httpx clients streaming SSE `/v1/generate` in one process; "
              "client-side timestamps of each `token` event.", "", *_http(run)]
     if run.files.get("plot"):
@@ -188,7 +190,8 @@ def render_markdown(run: BenchRun) -> str:
 
 
 def write_docs(path: Path, run: BenchRun) -> None:
-    write_generated_section(path, render_markdown(run), BEGIN, END, heading="# Benchmarks\n\n")
+    write_generated_section(path, render_markdown(run), BEGIN, END,
+                            heading="# Benchmarks\n\n## Serving benchmark (`crsm bench`)\n\n")
     log.info("wrote the benchmark section of %s", path)
 
 

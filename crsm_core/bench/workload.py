@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import torch
 from ..backbone import MambaLM, build_backbone
 from ..config import MambaConfig, tiny_config
 from ..deliberation import DeliberationConfig
+from ..dynamics import DynamicsConfig, LatentDynamics
 from ..model import CRSMModel
 from ..planner import PlannerConfig
+from ..state import RecurrentState
 from .settings import BenchSettings
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,32 @@ class TokenIdTokenizer:
         raise ValueError("the benchmark tokenizer is not saved with a model")
 
 
+class CountingStepper:
+    """The planners' latent dynamics, counting the rows it advances as they are advanced.
+
+    The deliberators' own `state_steps` counter only reaches a session's done event for plans that
+    finished; a plan cut short by the end of its session did work that it never reports. This count
+    includes that work: every dynamics row-step of every plan (fast-forward and expansions, the bulk of
+    a plan; the exact catch-up steps of late entries are not included)."""
+
+    def __init__(self, dynamics: LatentDynamics):
+        self.dynamics = dynamics
+        self._lock = threading.Lock()
+        self._rows = 0
+
+    @property
+    def rows(self) -> int:
+        with self._lock:
+            return self._rows
+
+    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """tokens: [K]; state: K rows, advanced in place -> logits [K, V]."""
+        logits = self.dynamics.step(tokens, state)
+        with self._lock:
+            self._rows += int(tokens.shape[0])
+        return logits
+
+
 @dataclass
 class Workload:
     """Built once per run and shared by the sections (same weights everywhere). The backbone is built
@@ -96,9 +125,12 @@ class Workload:
         return self._backbone
 
     def crsm_model(self) -> CRSMModel:
-        """A CRSMModel around the shared backbone with untrained dynamics and value heads (their own
-        planner thread; close() it when done)."""
-        return CRSMModel(self.backbone, tokenizer=self.tokenizer, config=deliberation_config(self.settings.quick))
+        """A CRSMModel around the shared backbone with untrained dynamics (a `CountingStepper`) and
+        value heads, and its own planner thread (close() it when done)."""
+        backbone = self.backbone
+        dynamics = LatentDynamics(DynamicsConfig.for_model(backbone.config), backbone).to(backbone.device).eval()
+        return CRSMModel(backbone, tokenizer=self.tokenizer, dynamics=CountingStepper(dynamics),
+                         config=deliberation_config(self.settings.quick))
 
     def prompts(self, n: int, length: int | None = None, salt: int = 0) -> list[tuple[int, ...]]:
         """n random prompts of `length` tokens (default: settings.prompt_tokens), reproducible per salt."""
