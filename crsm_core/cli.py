@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_serve(sub)
     from .training.cli import register as register_training
     register_training(sub)
+    from .bench.cli import register as register_bench
+    register_bench(sub)
     return parser
 
 

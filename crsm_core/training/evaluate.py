@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_pretrained
+from ..markdown import write_generated_section
 from ..deliberation import DeliberationConfig
 from ..model import CRSMModel
 from ..sampling import SamplingParams
@@ -224,14 +225,7 @@ BEGIN, END = "<!-- crsm eval: begin (generated) -->", "<!-- crsm eval: end -->"
 def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any], model_dir: Path) -> None:
     """Writes the generated part between the BEGIN / END markers; text around them (notes written by
     hand) is kept when the file already has the markers."""
-    body = render_markdown(meta, summary, model_dir)
-    before, after = "# Evaluation\n\n", "\n"
-    if path.exists():
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            before, after = text.split(BEGIN, 1)[0], text.split(END, 1)[1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{before}{BEGIN}\n{body}\n{END}{after}")
+    write_generated_section(path, render_markdown(meta, summary, model_dir), BEGIN, END, heading="# Evaluation\n\n")
 
 
 def render_markdown(meta: dict[str, Any], summary: dict[str, Any], model_dir: Path) -> str:

@@ -1,0 +1,125 @@
+"""Section "deliberation": what the planners cost the streams, and how much planning they do.
+
+For each planner mode (`crsm_core.engine.PLANNER_MODES`) one engine is built around a CRSMModel
+(the shared backbone, untrained dynamics and value heads); at 1 and 16 sessions the same workload
+runs with planners off and then on, back to back on that engine, so the ratio compares like with like.
+Planner throughput: state-steps (rows advanced by one token, fast-forward and expansions) summed over
+the sessions' final counters, per second of the run's wall time. Plans cut short when a session ends
+never report theirs, so this is a lower bound; beside it, the dynamics rows the planners actually
+stepped during the run (`CountingStepper`), finished plans or not.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import Counter
+
+import torch
+
+from ..engine import PLANNER_MODES, Engine
+from ..injection import InjectionOutcome
+from .engine_bench import GREEDY, engine_config, release_device_memory, requests_for, run_sessions, stream_run, \
+    warm_up
+from .results import DeliberationResult, DeliberationRow, PlanAlone
+from .stats import LatencyStats
+from .workload import CountingStepper, Workload
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = tuple(o.value for o in InjectionOutcome)
+
+
+PLANS_ALONE = 5
+
+
+@torch.no_grad()
+def plan_alone(workload: Workload, model, plans: int = PLANS_ALONE) -> PlanAlone:
+    """Time `plans` plans (after one untimed) run inline, the way a planner thread runs them, from the
+    state after a random prompt: the planner's own speed, before any contention with the generator."""
+    deliberator = model.new_deliberator(dataclasses.replace(model.config, synchronous=True))
+    [prompt] = workload.prompts(1, salt=300)
+    state = workload.backbone.allocate_state(1)
+    logits = workload.backbone.prefill(torch.tensor([prompt], device=workload.backbone.device), state)  # [1, V]
+    sync = torch.cuda.synchronize if state.ssm.is_cuda else (lambda: None)
+    deliberator.plan(state.clone(), len(prompt), logits)
+    sync()
+    before = deliberator.planner_counters.state_steps
+    latencies = []
+    for _ in range(plans):
+        start = time.perf_counter()
+        deliberator.plan(state.clone(), len(prompt), logits)
+        sync()
+        latencies.append(time.perf_counter() - start)
+    steps = (deliberator.planner_counters.state_steps - before) / plans
+    return PlanAlone(plans=plans, latency=LatencyStats.of(latencies), state_steps_per_plan=steps,
+                     state_steps_per_s=steps * plans / sum(latencies))
+
+
+async def _deliberation_section(workload: Workload) -> DeliberationResult:
+    s = workload.settings
+    model = workload.crsm_model()
+    rows: list[DeliberationRow] = []
+    try:
+        alone = plan_alone(workload, model)
+        log.info("deliberation: one plan alone takes %.1f ms (p50) for %.0f state-steps: %.0f state-steps/s",
+                 alone.latency.p50_ms, alone.state_steps_per_plan, alone.state_steps_per_s)
+        for mode in PLANNER_MODES:
+            engine = Engine.for_model(model, engine_config(s, planner_mode=mode))
+            engine.start()
+            try:
+                log.info("deliberation (%s): warm-up", mode)
+                await warm_up(engine, workload, deliberation=model.config)
+                for n in s.deliberation_concurrency:
+                    salt = 100 + n
+                    tokens = s.deliberation_tokens
+                    off = await run_sessions(engine, requests_for(workload, n, tokens, GREEDY, salt=salt))
+                    stepped = dynamics_rows(model)
+                    on = await run_sessions(engine, requests_for(workload, n, tokens, GREEDY, salt=salt,
+                                                                 deliberation=model.config))
+                    rows.append(_row(mode, n, off, on, s.warmup_gaps, dynamics_rows(model) - stepped))
+                    r = rows[-1]
+                    log.info("deliberation (%s), %d sessions: ITL p50 x%.2f, p99 x%.2f, %.0f state-steps/s "
+                             "(%.0f dynamics steps/s), plans %d launched / %d finished, injections %s", mode, n,
+                             r.p50_ratio, r.p99_ratio, r.state_steps_per_s, r.dynamics_steps_per_s, r.plans_launched,
+                             r.plans_finished, r.injections)
+            finally:
+                await engine.shutdown()
+            del engine
+            release_device_memory()
+    finally:
+        model.close()
+    return DeliberationResult(deliberation_config=dataclasses.asdict(model.config),
+                              tokens_per_session=s.deliberation_tokens, plan_alone=alone, rows=rows)
+
+
+def dynamics_rows(model) -> int:
+    """Rows the model's planners have advanced through the dynamics so far (see CountingStepper)."""
+    if not isinstance(model.dynamics, CountingStepper):
+        raise TypeError("the benchmark's CRSMModel steps its planners through a CountingStepper")
+    return model.dynamics.rows
+
+
+def _row(mode: str, n: int, off, on, warmup: int, stepped: int) -> DeliberationRow:
+    off_run, on_run = stream_run("planners off", off, warmup), stream_run("planners on", on, warmup)
+    counters: Counter[str] = Counter()
+    for completion in on.completions:
+        if completion.done.deliberation is None:
+            raise RuntimeError("a deliberating session ended without deliberation counters")
+        counters.update(completion.done.deliberation)
+    return DeliberationRow(
+        planner_mode=mode, sessions=n, off=off_run, on=on_run,
+        p50_ratio=on_run.itl.p50_ms / off_run.itl.p50_ms, p99_ratio=on_run.itl.p99_ms / off_run.itl.p99_ms,
+        state_steps=counters["state_steps"], state_steps_per_s=counters["state_steps"] / on.wall_s,
+        dynamics_steps_per_s=stepped / on.wall_s,
+        plans_launched=counters["launched"],
+        plans_finished=counters["launched"] - counters["cancelled"] - counters["failed"],
+        injections={o: counters[o] for o in OUTCOMES}, counters=dict(sorted(counters.items())))
+
+
+def deliberation_section(workload: Workload) -> DeliberationResult:
+    try:
+        return asyncio.run(_deliberation_section(workload))
+    finally:
+        release_device_memory()

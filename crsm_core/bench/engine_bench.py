@@ -1,0 +1,124 @@
+"""Section "engine": the batched engine without HTTP, at 1, 16 and 64 concurrent sessions.
+
+Each session streams `tokens` tokens after a short random prompt (ignore_eos, so every session runs to
+its length). Token timestamps are the engine's own (`Session.token_times`, taken in the generator
+thread when the token is chosen), so the numbers are the engine's, not the event loop's.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..deliberation import DeliberationConfig
+from ..engine import Completion, Engine, EngineConfig, GenerationRequest, Session
+from ..sampling import SamplingParams
+from .results import EngineResult, StreamRun
+from .settings import BenchSettings
+from .stats import LatencyStats, pooled_gaps, steady_tokens_per_s
+from .workload import Workload
+
+log = logging.getLogger(__name__)
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass(frozen=True)
+class MeasuredSessions:
+    sessions: list[Session]
+    completions: list[Completion]
+    wall_s: float           # submission to the last final event
+
+
+def engine_config(settings: BenchSettings, planner_mode: str = "stream") -> EngineConfig:
+    return EngineConfig(max_sessions=settings.max_sessions,
+                        max_new_tokens=max(settings.tokens, settings.deliberation_tokens, 1024),
+                        max_prompt_tokens=max(4096, settings.long_prompt_tokens), planner_mode=planner_mode)
+
+
+def requests_for(workload: Workload, n: int, tokens: int, sampling: SamplingParams, salt: int,
+                 deliberation: DeliberationConfig | None = None) -> list[GenerationRequest]:
+    """n sessions of `tokens` tokens each; sampled sessions get seeds of their own (reproducible)."""
+    requests = []
+    for i, prompt in enumerate(workload.prompts(n, salt=salt)):
+        params = sampling if sampling.greedy else SamplingParams(
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            seed=workload.settings.seed + salt * 1000 + i)
+        requests.append(GenerationRequest(prompt, tokens, params, ignore_eos=True, deliberation=deliberation))
+    return requests
+
+
+async def run_sessions(engine: Engine, requests: list[GenerationRequest]) -> MeasuredSessions:
+    """Submit all at once (as one batch of arrivals) and wait for every final event. Raises when a
+    session ends with an error or short of its max_tokens."""
+    start = time.perf_counter()
+    sessions = engine.submit_all(requests)
+    completions = await asyncio.gather(*(s.collect() for s in sessions))
+    wall = time.perf_counter() - start
+    for session, done in zip(sessions, completions):
+        if len(session.token_times) != session.request.max_tokens or done.done.finish_reason != "length":
+            raise RuntimeError(f"session {session.id} ended with {done.done.finish_reason!r} after "
+                               f"{len(session.token_times)} of {session.request.max_tokens} tokens")
+    return MeasuredSessions(list(sessions), list(completions), wall)
+
+
+def stream_run(label: str, measured: MeasuredSessions, warmup: int) -> StreamRun:
+    streams = [s.token_times for s in measured.sessions]
+    per_stream = {len(t) for t in streams}
+    if len(per_stream) != 1:
+        raise RuntimeError(f"sessions produced different token counts: {sorted(per_stream)}")
+    return StreamRun(label=label, streams=len(streams), tokens_per_stream=per_stream.pop(),
+                     total_tokens=sum(len(t) for t in streams), itl=LatencyStats.of(pooled_gaps(streams, warmup)),
+                     tokens_per_s=steady_tokens_per_s(streams, warmup), wall_s=measured.wall_s)
+
+
+async def warm_up(engine: Engine, workload: Workload, deliberation: DeliberationConfig | None = None) -> None:
+    """A short run at the largest concurrency, greedy and sampled: prefill shapes autotuned, every graph
+    bucket the measured runs pass through replayed once, sampling kernels loaded."""
+    s = workload.settings
+    n, tokens = max(s.concurrency), s.warmup_gaps + 4
+    half = n // 2
+    requests = requests_for(workload, n - half, tokens, GREEDY, salt=9000, deliberation=deliberation) + \
+        requests_for(workload, half, tokens, SamplingParams(temperature=1.0), salt=9001, deliberation=deliberation)
+    await run_sessions(engine, requests)
+    await run_sessions(engine, requests_for(workload, 1, tokens, GREEDY, salt=9002, deliberation=deliberation))
+
+
+async def _engine_section(workload: Workload) -> EngineResult:
+    s = workload.settings
+    config = engine_config(s)
+    engine = Engine(workload.backbone, workload.tokenizer, config)  # on CUDA: captures the decode graphs
+    engine.start()
+    runs: list[StreamRun] = []
+    try:
+        log.info("engine: warm-up")
+        await warm_up(engine, workload)
+        plan = [(n, "greedy", GREEDY) for n in s.concurrency] + \
+               [(max(s.concurrency), "temperature 1", SamplingParams(temperature=1.0))]
+        for salt, (n, label, sampling) in enumerate(plan):
+            measured = await run_sessions(engine, requests_for(workload, n, s.tokens, sampling, salt=salt))
+            run = stream_run(label, measured, s.warmup_gaps)
+            log.info("engine: %d sessions, %s: ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", n, label,
+                     run.itl.p50_ms, run.itl.p99_ms, run.tokens_per_s)
+            runs.append(run)
+    finally:
+        await engine.shutdown()
+    return EngineResult(engine_config=asdict(config), runs=runs)
+
+
+def engine_section(workload: Workload) -> EngineResult:
+    try:
+        return asyncio.run(_engine_section(workload))
+    finally:
+        release_device_memory()
+
+
+def release_device_memory() -> None:
+    """Drop what a finished section's engine held (its state pool and graphs) before the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,86 @@
+"""The goals of issue 5, checked against a run's results.
+
+Each target names where its number comes from; a section that failed or was not run leaves its targets
+"not measured" rather than missed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..engine import PLANNER_MODES
+from .results import BenchRun, DeliberationResult, EngineResult, HttpResult, TargetCheck
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    unit: str
+    limit: float
+    at_most: bool              # True: measured <= limit; False: measured >= limit
+    strict: bool = False       # "<" or ">" instead of "<=" or ">="
+
+    @property
+    def goal(self) -> str:
+        op = ("<" if self.strict else "<=") if self.at_most else (">" if self.strict else ">=")
+        if self.unit == "x":
+            return f"{op} {self.limit:.2f}x"
+        return f"{op} {self.limit:,g} {self.unit}"
+
+    def check(self, measured: float | None) -> TargetCheck:
+        if measured is None:
+            return TargetCheck(self.name, self.goal, None, self.unit, None, "not measured")
+        if self.at_most:
+            met = measured < self.limit if self.strict else measured <= self.limit
+        else:
+            met = measured > self.limit if self.strict else measured >= self.limit
+        # how far inside (met) or outside (missed) the goal, relative to the goal
+        ratio = measured / self.limit if self.limit else float("nan")
+        if self.at_most:
+            margin = f"{(1 - ratio) * 100:.0f}% under" if met else f"{(ratio - 1) * 100:.0f}% over"
+        else:
+            margin = f"{(ratio - 1) * 100:.0f}% above" if met else f"{(1 - ratio) * 100:.0f}% short"
+        return TargetCheck(self.name, self.goal, measured, self.unit, met, margin)
+
+
+def _engine(run: BenchRun) -> EngineResult | None:
+    outcome = run.sections.get("engine")
+    return outcome.result if outcome is not None and outcome.status == "ok" else None
+
+
+def _greedy(result: EngineResult | None, sessions: int):
+    if result is None:
+        return None
+    return next((r for r in result.runs if r.streams == sessions and r.label == "greedy"), None)
+
+
+def evaluate_targets(run: BenchRun) -> list[TargetCheck]:
+    checks: list[TargetCheck] = []
+    engine = _engine(run)
+    one = _greedy(engine, 1)
+    checks.append(Target("engine ITL p50, 1 session", "ms", 1.3, at_most=True).check(one and one.itl.p50_ms))
+    most = max(run.settings["concurrency"])
+    full = _greedy(engine, most)
+    checks.append(Target(f"engine throughput, {most} sessions", "tokens/s", 20_000, at_most=False)
+                  .check(full and full.tokens_per_s))
+
+    outcome = run.sections.get("deliberation")
+    deliberation: DeliberationResult | None = outcome.result if outcome is not None and outcome.status == "ok" \
+        else None
+    largest = max(run.settings["deliberation_concurrency"])
+    for mode in PLANNER_MODES:
+        row = None if deliberation is None else next(
+            (r for r in deliberation.rows if r.planner_mode == mode and r.sessions == largest), None)
+        where = f"planners ({mode}), {largest} sessions"
+        get: Callable[[str], float | None] = lambda name: None if row is None else getattr(row, name)
+        checks.append(Target(f"{where}: ITL p50 vs off", "x", 1.10, at_most=True).check(get("p50_ratio")))
+        checks.append(Target(f"{where}: ITL p99 vs off", "x", 1.25, at_most=True).check(get("p99_ratio")))
+        checks.append(Target(f"{where}: planner state-steps/s", "/s", 10_000, at_most=False)
+                      .check(get("state_steps_per_s")))
+
+    outcome = run.sections.get("http")
+    http: HttpResult | None = outcome.result if outcome is not None and outcome.status == "ok" else None
+    long_tokens = run.settings["long_prompt_tokens"]
+    checks.append(Target(f"HTTP ITL p99 while a {long_tokens:,}-token prompt is admitted, vs without", "x", 2.0, at_most=True,
+                         strict=True).check(None if http is None else http.long_prompt.p99_ratio))
+    return checks

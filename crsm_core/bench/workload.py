@@ -1,0 +1,139 @@
+"""The model, prompts and tokenizer every section measures with.
+
+Full run: mamba2-130m's shape (d_model 768, 24 layers, vocab 50277 padded to a multiple of 16 = 50288,
+d_state 128, headdim 64, expand 2, ngroups 1, chunk 256), random weights, bf16, the fused backbone on
+CUDA. `--quick`: crsm_core.config's tiny config, fp32, the reference backbone on the CPU.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..backbone import MambaLM, build_backbone
+from ..config import MambaConfig, tiny_config
+from ..deliberation import DeliberationConfig
+from ..dynamics import DynamicsConfig, LatentDynamics
+from ..model import CRSMModel
+from ..planner import PlannerConfig
+from ..state import RecurrentState
+from .settings import BenchSettings
+
+log = logging.getLogger(__name__)
+
+
+def bench_model_config(quick: bool) -> MambaConfig:
+    if quick:
+        return tiny_config()
+    return MambaConfig(d_model=768, n_layer=24, vocab_size=50277, pad_vocab_size_multiple=16)
+
+
+def deliberation_config(quick: bool) -> DeliberationConfig:
+    """The planners' settings: the built-in defaults; --quick uses a small search so that plans finish
+    within its few tokens per session on the CPU."""
+    if quick:
+        return DeliberationConfig(planner=PlannerConfig(n_simulations=4, top_k=2, max_depth=2, leaf_batch=2))
+    return DeliberationConfig()
+
+
+class TokenIdTokenizer:
+    """A tokenizer for a model driven by token ids only (the benchmark has no vocabulary file for the
+    50277-token vocabulary of mamba2-130m).
+
+    The engine needs a tokenizer for two things: the eos id and the streamed text of each token
+    (`IncrementalDecoder` decodes a short window of ids every token). Each id decodes to a short piece
+    of text of its own, so the engine's streaming path does the same string work per token as with a
+    real tokenizer. Text prompts are refused.
+    """
+
+    def __init__(self, vocab_size: int, eos_id: int = 0):
+        if not 0 <= eos_id < vocab_size:
+            raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size})")
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id  # GPT-NeoX's <|endoftext|>, as mamba2-130m; the bench sets ignore_eos anyway
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError("the benchmark tokenizer takes token-id prompts only")
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f" t{i}" for i in ids if 0 <= i < self.vocab_size and i != self.eos_id)
+
+    def save(self, directory: str | Path) -> None:
+        raise ValueError("the benchmark tokenizer is not saved with a model")
+
+
+class CountingStepper:
+    """The planners' latent dynamics, counting the rows it advances as they are advanced.
+
+    The deliberators' own `state_steps` counter only reaches a session's done event for plans that
+    finished; a plan cut short by the end of its session did work that it never reports. This count
+    includes that work: every dynamics row-step of every plan (fast-forward and expansions, the bulk of
+    a plan; the exact catch-up steps of late entries are not included)."""
+
+    def __init__(self, dynamics: LatentDynamics):
+        self.dynamics = dynamics
+        self._lock = threading.Lock()
+        self._rows = 0
+
+    @property
+    def rows(self) -> int:
+        with self._lock:
+            return self._rows
+
+    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """tokens: [K]; state: K rows, advanced in place -> logits [K, V]."""
+        logits = self.dynamics.step(tokens, state)
+        with self._lock:
+            self._rows += int(tokens.shape[0])
+        return logits
+
+
+@dataclass
+class Workload:
+    """Built once per run and shared by the sections (same weights everywhere). The backbone is built
+    lazily, so a failure to build it fails each section that needs it, with the reason, and nothing else."""
+    settings: BenchSettings
+    config: MambaConfig = field(init=False)
+    tokenizer: TokenIdTokenizer = field(init=False)
+    _backbone: MambaLM | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.config = bench_model_config(self.settings.quick)
+        self.tokenizer = TokenIdTokenizer(self.config.vocab_size)
+
+    @property
+    def impl(self) -> str:
+        return "fused" if self.settings.device == "cuda" else "reference"
+
+    @property
+    def backbone(self) -> MambaLM:
+        if self._backbone is None:
+            torch.manual_seed(self.settings.seed)  # the same random weights on every run
+            self._backbone = build_backbone(self.config, self.settings.device, dtype=self.settings.dtype,
+                                            impl=self.impl)
+            log.info("backbone: %s, %.1fM parameters, %s on %s", self.impl, self._backbone.num_parameters() / 1e6,
+                     self.settings.dtype, self.settings.device)
+        return self._backbone
+
+    @property
+    def built_backbone(self) -> MambaLM | None:
+        """The backbone if a section has built it (for the report), without building it."""
+        return self._backbone
+
+    def crsm_model(self) -> CRSMModel:
+        """A CRSMModel around the shared backbone with untrained dynamics (a `CountingStepper`) and
+        value heads, and its own planner thread (close() it when done)."""
+        backbone = self.backbone
+        dynamics = LatentDynamics(DynamicsConfig.for_model(backbone.config), backbone).to(backbone.device).eval()
+        return CRSMModel(backbone, tokenizer=self.tokenizer, dynamics=CountingStepper(dynamics),
+                         config=deliberation_config(self.settings.quick))
+
+    def prompts(self, n: int, length: int | None = None, salt: int = 0) -> list[tuple[int, ...]]:
+        """n random prompts of `length` tokens (default: settings.prompt_tokens), reproducible per salt."""
+        rng = random.Random(self.settings.seed * 1_000_003 + salt)
+        length = self.settings.prompt_tokens if length is None else length
+        return [tuple(rng.randrange(self.config.vocab_size) for _ in range(length)) for _ in range(n)]
