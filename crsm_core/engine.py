@@ -376,6 +376,11 @@ class Engine:
         return len(self._prefilling) + len(self._running)
 
     @property
+    def planner_runtime(self) -> PlannerRuntime | None:
+        """The planner runtime the engine owns (made by `for_model`), if any."""
+        return self._planner_runtime
+
+    @property
     def num_planners(self) -> int:
         """Deliberators created and not yet closed."""
         return self._open_planners
@@ -570,8 +575,17 @@ class Engine:
 
     def _decode_round(self) -> None:
         """Token q of every running session, then the step that consumes it (see the module docstring)."""
-        n = len(self._running)
         rides = self._take_rides() if self.config.planner_mode == "ride" else []
+        try:
+            self._decode_round_with(rides)
+        except BaseException as e:   # the planner waiting for these rows must not wait forever
+            for ride in rides:
+                if not ride.future.done():
+                    ride.future.set_exception(e)
+            raise
+
+    def _decode_round_with(self, rides: list[_Ride]) -> None:
+        n = len(self._running)
         if n == 0 and not rides:
             return
         tokens = self._stepper.tokens                   # [rows] the decode step's static input

@@ -79,14 +79,18 @@ class RecurrentState:
         alpha: [L] (same gate for every row) or [L, B]. A layer with alpha 0 is left bit-identical
         (it is not rewritten); the convex combination never leaves the segment between S and T.
         """
-        alpha = alpha.to(device=self.ssm.device, dtype=torch.float32)
+        alpha = alpha.to(torch.float32)
         if alpha.dim() == 1:
             alpha = alpha[:, None].expand(self.n_layer, self.batch)
         if alpha.shape != (self.n_layer, self.batch):
             raise ValueError(f"alpha must be [L] or [L, B] = [{self.n_layer}, {self.batch}], "
                              f"got {tuple(alpha.shape)}")
+        # Which layers to touch is read where alpha lives (the planner's gates are on the CPU), so that a
+        # blend into a GPU state queues its kernels without waiting for the device.
+        layers = torch.nonzero(alpha.abs().sum(dim=1) > 0).flatten().tolist()
+        alpha = alpha.to(self.ssm.device)
         tensors = [(self.ssm, target.ssm)] + ([(self.conv, target.conv)] if blend_conv else [])
-        for layer in torch.nonzero(alpha.abs().sum(dim=1) > 0).flatten().tolist():
+        for layer in layers:
             a = alpha[layer]
             for mine, theirs in tensors:
                 view = a.view(-1, *([1] * (mine.dim() - 2)))

@@ -5,8 +5,8 @@ For each planner mode (`crsm_core.engine.PLANNER_MODES`) one engine is built aro
 runs with planners off and then on, back to back on that engine, so the ratio compares like with like.
 Planner throughput: state-steps (rows advanced by one token, fast-forward and expansions) summed over
 the sessions' final counters, per second of the run's wall time. Plans cut short when a session ends
-never report theirs, so this is a lower bound; beside it, the dynamics rows the planners actually
-stepped during the run (`CountingStepper`), finished plans or not.
+never report theirs, so this is a lower bound; beside it, the rows the engine's planner runtime really
+stepped during the run (`PlannerRuntime.rows_stepped`), finished plans or not.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .engine_bench import GREEDY, engine_config, release_device_memory, requests
     warm_up
 from .results import DeliberationResult, DeliberationRow, PlanAlone
 from .stats import LatencyStats
-from .workload import CountingStepper, Workload
+from .workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,14 @@ async def _deliberation_section(workload: Workload) -> DeliberationResult:
                     salt = 100 + n
                     tokens = s.deliberation_tokens
                     off = await run_sessions(engine, requests_for(workload, n, tokens, GREEDY, salt=salt))
-                    stepped = dynamics_rows(model)
+                    stepped = engine.planner_runtime.rows_stepped
                     on = await run_sessions(engine, requests_for(workload, n, tokens, GREEDY, salt=salt,
                                                                  deliberation=model.config))
-                    rows.append(_row(mode, n, off, on, s.warmup_gaps, dynamics_rows(model) - stepped))
+                    rows.append(_row(mode, n, off, on, s.warmup_gaps, engine.planner_runtime.rows_stepped - stepped))
                     r = rows[-1]
                     log.info("deliberation (%s), %d sessions: ITL p50 x%.2f, p99 x%.2f, %.0f state-steps/s "
-                             "(%.0f dynamics steps/s), plans %d launched / %d finished, injections %s", mode, n,
-                             r.p50_ratio, r.p99_ratio, r.state_steps_per_s, r.dynamics_steps_per_s, r.plans_launched,
+                             "(%.0f rows stepped/s), plans %d launched / %d finished, injections %s", mode, n,
+                             r.p50_ratio, r.p99_ratio, r.state_steps_per_s, r.rows_stepped_per_s, r.plans_launched,
                              r.plans_finished, r.injections)
             finally:
                 await engine.shutdown()
@@ -92,13 +92,6 @@ async def _deliberation_section(workload: Workload) -> DeliberationResult:
         model.close()
     return DeliberationResult(deliberation_config=dataclasses.asdict(model.config),
                               tokens_per_session=s.deliberation_tokens, plan_alone=alone, rows=rows)
-
-
-def dynamics_rows(model) -> int:
-    """Rows the model's planners have advanced through the dynamics so far (see CountingStepper)."""
-    if not isinstance(model.dynamics, CountingStepper):
-        raise TypeError("the benchmark's CRSMModel steps its planners through a CountingStepper")
-    return model.dynamics.rows
 
 
 def _row(mode: str, n: int, off, on, warmup: int, stepped: int) -> DeliberationRow:
@@ -112,7 +105,7 @@ def _row(mode: str, n: int, off, on, warmup: int, stepped: int) -> DeliberationR
         planner_mode=mode, sessions=n, off=off_run, on=on_run,
         p50_ratio=on_run.itl.p50_ms / off_run.itl.p50_ms, p99_ratio=on_run.itl.p99_ms / off_run.itl.p99_ms,
         state_steps=counters["state_steps"], state_steps_per_s=counters["state_steps"] / on.wall_s,
-        dynamics_steps_per_s=stepped / on.wall_s,
+        rows_stepped_per_s=stepped / on.wall_s,
         plans_launched=counters["launched"],
         plans_finished=counters["launched"] - counters["cancelled"] - counters["failed"],
         injections={o: counters[o] for o in OUTCOMES}, counters=dict(sorted(counters.items())))

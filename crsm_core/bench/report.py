@@ -122,7 +122,7 @@ def _baselines(run: BenchRun) -> list[str]:
 
 def _deliberation(run: BenchRun) -> list[str]:
     header = ["planner mode", "sessions", "ITL p50 off / on (ms)", "p50 ratio", "ITL p99 off / on (ms)", "p99 ratio",
-              "state-steps/s", "dynamics steps/s", "plans launched / finished", "injections: applied / late / pruned / vetoed / rejected"]
+              "state-steps/s", "rows stepped/s", "plans launched / finished", "injections: applied / late / pruned / vetoed / rejected"]
     outcome = run.sections.get("deliberation")
     missing = _not_ok(outcome, len(header))
     if missing is not None:
@@ -133,7 +133,7 @@ def _deliberation(run: BenchRun) -> list[str]:
         i = r.injections
         rows.append([r.planner_mode, str(r.sessions), f"{_ms(r.off.itl.p50_ms)} / {_ms(r.on.itl.p50_ms)}",
                      f"{r.p50_ratio:.2f}x", f"{_ms(r.off.itl.p99_ms)} / {_ms(r.on.itl.p99_ms)}", f"{r.p99_ratio:.2f}x",
-                     _rate(r.state_steps_per_s), _rate(r.dynamics_steps_per_s),
+                     _rate(r.state_steps_per_s), _rate(r.rows_stepped_per_s),
                      f"{r.plans_launched} / {r.plans_finished}",
                      " / ".join(str(i[k]) for k in ("applied", "applied_late", "pruned", "vetoed", "rejected"))])
     planner = result.deliberation_config["planner"]

@@ -66,7 +66,7 @@ class DeliberationRow:
     p99_ratio: float
     state_steps: int           # sum over sessions of the done events' deliberation["state_steps"]
     state_steps_per_s: float   # state_steps / the "on" run's wall time
-    dynamics_steps_per_s: float  # dynamics rows the planners stepped during the "on" run, finished plans or not
+    rows_stepped_per_s: float  # rows the planner runtime stepped during the "on" run, finished plans or not
     plans_launched: int        # snapshots handed to a planner
     plans_finished: int        # launched, minus those cut short by their session's end or failed
     injections: dict[str, int]  # by outcome, summed over sessions

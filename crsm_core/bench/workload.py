@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from ..deliberation import DeliberationConfig
 from ..dynamics import DynamicsConfig, LatentDynamics
 from ..model import CRSMModel
 from ..planner import PlannerConfig
-from ..state import RecurrentState
 from .settings import BenchSettings
 
 log = logging.getLogger(__name__)
@@ -66,32 +64,6 @@ class TokenIdTokenizer:
         raise ValueError("the benchmark tokenizer is not saved with a model")
 
 
-class CountingStepper:
-    """The planners' latent dynamics, counting the rows it advances as they are advanced.
-
-    The deliberators' own `state_steps` counter only reaches a session's done event for plans that
-    finished; a plan cut short by the end of its session did work that it never reports. This count
-    includes that work: every dynamics row-step of every plan (fast-forward and expansions, the bulk of
-    a plan; the exact catch-up steps of late entries are not included)."""
-
-    def __init__(self, dynamics: LatentDynamics):
-        self.dynamics = dynamics
-        self._lock = threading.Lock()
-        self._rows = 0
-
-    @property
-    def rows(self) -> int:
-        with self._lock:
-            return self._rows
-
-    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        """tokens: [K]; state: K rows, advanced in place -> logits [K, V]."""
-        logits = self.dynamics.step(tokens, state)
-        with self._lock:
-            self._rows += int(tokens.shape[0])
-        return logits
-
-
 @dataclass
 class Workload:
     """Built once per run and shared by the sections (same weights everywhere). The backbone is built
@@ -125,11 +97,11 @@ class Workload:
         return self._backbone
 
     def crsm_model(self) -> CRSMModel:
-        """A CRSMModel around the shared backbone with untrained dynamics (a `CountingStepper`) and
-        value heads, and its own planner thread (close() it when done)."""
+        """A CRSMModel around the shared backbone with untrained dynamics and value heads (close() it
+        when done)."""
         backbone = self.backbone
         dynamics = LatentDynamics(DynamicsConfig.for_model(backbone.config), backbone).to(backbone.device).eval()
-        return CRSMModel(backbone, tokenizer=self.tokenizer, dynamics=CountingStepper(dynamics),
+        return CRSMModel(backbone, tokenizer=self.tokenizer, dynamics=dynamics,
                          config=deliberation_config(self.settings.quick))
 
     def prompts(self, n: int, length: int | None = None, salt: int = 0) -> list[tuple[int, ...]]:

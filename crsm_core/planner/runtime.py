@@ -134,6 +134,9 @@ class PlannerRuntime:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.batches = 0        # searches run (each over one or more sessions' roots)
+        # Rows advanced by one token by this runtime's plans, finished or not (a session's counters
+        # report only the plans that finished): what the planners really computed.
+        self.rows_stepped = 0
 
     # ---- callers ------------------------------------------------------------------------------
 
@@ -221,9 +224,9 @@ class PlannerRuntime:
         cfg = requests[0].config
         states = RecurrentState.cat([r.snapshot for r in requests])           # R rows
         logits = torch.cat([r.logits for r in requests])                      # [R, V]
-        ahead = fast_forward(_Guarded(self._steppers[cfg.fast_forward], requests), states, steps=cfg.lag,
+        ahead = fast_forward(_Guarded(self._steppers[cfg.fast_forward], requests, self), states, steps=cfg.lag,
                              logits=logits)
-        result = search(states, ahead.logits, _Guarded(self._steppers[cfg.children], requests).step, self.value_heads,
+        result = search(states, ahead.logits, _Guarded(self._steppers[cfg.children], requests, self).step, self.value_heads,
                         cfg.planner)
         layer_values = result.layer_values.float()                            # [R, L] (CPU)
         actions = result.action.tolist()
@@ -262,7 +265,7 @@ class PlannerRuntime:
                 todo.append((entry, tokens))
         if not todo:
             return
-        step = _Guarded(self._catch_up, requests).step
+        step = _Guarded(self._catch_up, requests, self).step
         for _ in range(max(len(tokens) - entry.target_position for entry, tokens in todo)):
             active = [(e, t) for e, t in todo if len(t) > e.state_position]
             states = RecurrentState.cat([e.target_state for e, _ in active])
@@ -276,13 +279,15 @@ class PlannerRuntime:
 
 
 class _Guarded:
-    """A stepper that stops a plan at its next step once every session it plans for has closed."""
+    """A stepper that stops a plan at its next step once every session it plans for has closed, and
+    counts the rows it steps on its runtime."""
 
-    def __init__(self, stepper: Stepper, requests: list[PlanRequest]):
-        self.stepper, self.requests = stepper, requests
+    def __init__(self, stepper: Stepper, requests: list[PlanRequest], runtime: PlannerRuntime):
+        self.stepper, self.requests, self.runtime = stepper, requests, runtime
 
     def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         if all(r.deliberator.closed for r in self.requests):
             raise PlanCancelled()
+        self.runtime.rows_stepped += tokens.shape[0]
         return self.stepper.step(tokens, state)
 
