@@ -147,8 +147,9 @@ def _deliberation(run: BenchRun) -> list[str]:
             f"`{config['children']}`, {planner['n_simulations']} simulations, top-k {planner['top_k']}, depth "
             f"{planner['max_depth']}; untrained dynamics and value heads. State-steps/s: the done events' "
             "`state_steps` summed over sessions, over the planners-on run's wall time; a plan still running when "
-            "its session ends is cancelled and not counted (launched minus finished). Dynamics steps/s: the rows "
-            "the planners advanced through the dynamics model during the run, finished plans or not."]
+            "its session ends is cancelled and not counted (launched minus finished). Rows stepped/s: the rows "
+            "the engine's planner runtime advanced by one token during the run (dynamics, exact or riding "
+            "steps), finished plans or not. In ride mode every step is an exact backbone step."]
 
 
 def _http(run: BenchRun) -> list[str]:
