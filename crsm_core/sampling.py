@@ -35,8 +35,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.seed is not None and not -2 ** 63 <= self.seed < 2 ** 64:   # what torch.Generator takes
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -68,10 +68,15 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def as_int64(seed: int) -> int:
+    """A seed in [-2**63, 2**64) as the int64 with the same 64 bits."""
+    return (seed + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+
 def uniform(seeds: torch.Tensor, counters: torch.Tensor, width: int) -> torch.Tensor:
     """seeds, counters: [B] int64 -> [B, width] float32 uniforms in (0, 1), a pure function of
     (seed, counter, column): the same row gives the same numbers in any batch."""
-    key = hash32(hash32(seeds & _M32) ^ (seeds >> 32))                        # [B]
+    key = hash32(hash32(seeds & _M32) ^ ((seeds >> 32) & _M32))               # [B]
     row = hash32(key ^ hash32((counters & _M32) ^ 0x5BD1E995))                # [B]
     col = _mul32(torch.arange(width, device=seeds.device, dtype=torch.int64), _GOLDEN)
     bits = hash32(hash32((row[:, None] + col[None, :]) & _M32) ^ row[:, None])  # [B, width]
@@ -102,7 +107,10 @@ def draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, t
     [B] int64. Rows with temperature 0 take the argmax. `filters=False` skips the top-k / top-p sort
     (when no row uses them). Returns tokens [B] int64 on logits' device; nothing is synchronised."""
     greedy = temperature <= 0
-    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
+    # The best logit shifted to 0 and T at least float32's smallest normal: a tiny temperature then
+    # gives -inf to every other token (a greedy draw) instead of inf - inf = NaN.
+    shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)
+    scaled = shifted / torch.where(greedy, 1.0, temperature.clamp(min=torch.finfo(torch.float32).tiny))[:, None]
     if filters:
         scaled = filter_logits(scaled, top_k, top_p)
     gumbel = -torch.log(-torch.log(uniform(seeds, counters, logits.shape[-1])))
@@ -131,7 +139,7 @@ class SamplingTable:
         self.temperature[row] = params.temperature
         self.top_p[row] = params.top_p
         self.top_k[row] = params.top_k
-        self.seeds[row] = seed
+        self.seeds[row] = as_int64(seed)
         self.counters[row] = 0
 
     def move_row(self, source: int, dest: int) -> None:

@@ -103,8 +103,26 @@ def test_draw_matches_the_table():
     assert tokens[0] == t.sample(logits[:1])[0]
 
 
+def test_a_tiny_temperature_takes_the_best_token():
+    logits = torch.tensor([[0.5, 3.0, -2.0, 2.9]])
+    for temperature in (1e-30, 8.8e-257, 1e-45):
+        t = table([SamplingParams(temperature=temperature, seed=1, top_p=0.9)])
+        assert [int(t.sample(logits)[0]) for _ in range(5)] == [1] * 5
+
+
+def test_seeds_across_the_64_bit_range():
+    logits = torch.randn(1, 64)
+    draws = {}
+    for seed in (-2**63, -1, 0, 2**63 - 1, 2**63, 2**64 - 1):
+        t = table([SamplingParams(temperature=1.0, seed=seed)])
+        draws[seed] = [int(t.sample(logits)[0]) for _ in range(12)]
+    # -1 and 2**64 - 1 are the same 64 bits (as torch.Generator has them), and so are -2**63 and 2**63
+    assert draws[-1] == draws[2**64 - 1] and draws[-2**63] == draws[2**63]
+    assert len({tuple(v) for v in draws.values()}) == 4
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
-                                    dict(seed=-1), dict(seed=2**63)])
+                                    dict(seed=-2**63 - 1), dict(seed=2**64)])
 def test_invalid_params_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
