@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 import torch
 
-from .injection import InjectionEvent, InjectionOutcome, TargetBuffer, TargetEntry, default_layer_weights
+from .injection import (DEFAULT_MAX_TARGET_NORM_RATIO, InjectionEvent, InjectionOutcome, TargetBuffer, TargetEntry,
+                        check_norm_ratio, default_layer_weights)
 from .planner import PlannerConfig
 from .planner.runtime import PlanCancelled, PlannerRuntime, PlanRequest
 from .state import RecurrentState
@@ -67,6 +68,8 @@ class DeliberationConfig:
     injection_rate: float = 0.05      # the seed's experimental sweet spot
     layer_weights: tuple[float, ...] | None = None   # None: 0 for the lower half, 1 for the upper
     veto_threshold: float = 1.0       # std over value heads above this vetoes the entry
+    # a target whose ssm norm in a gated layer is above this multiple of the live state's is rejected
+    max_target_norm_ratio: float = DEFAULT_MAX_TARGET_NORM_RATIO
     blend_conv: bool = False          # also blend the conv state
     fast_forward: Mode = "dynamics"   # how the snapshot is projected to the target position
     children: Mode = "dynamics"       # how the search expands children
@@ -85,6 +88,7 @@ class DeliberationConfig:
             raise ValueError(f"injection_rate must be in [0, 1], got {self.injection_rate}")
         if self.veto_threshold < 0:
             raise ValueError(f"veto_threshold must be >= 0, got {self.veto_threshold}")
+        check_norm_ratio(self.max_target_norm_ratio)
         for name in ("fast_forward", "children"):
             if getattr(self, name) not in ("dynamics", "exact"):
                 raise ValueError(f"{name} must be 'dynamics' or 'exact', got {getattr(self, name)!r}")
@@ -140,7 +144,7 @@ class SessionDeliberator:
         self.config = config
         self.generation_id = generation_id
         self.buffer = TargetBuffer(generation_id, max_lag=config.max_lag, delta_decay=config.delta_decay,
-                                   blend_conv=config.blend_conv)
+                                   blend_conv=config.blend_conv, max_target_norm_ratio=config.max_target_norm_ratio)
         self.planner_counters = PlannerCounters()
         self._lock = threading.Lock()
         self._busy = False

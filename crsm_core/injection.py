@@ -7,13 +7,26 @@ holds S_q, just before the step that consumes token q:
 - q == p: S_p <- (1 - alpha_i) S_p + alpha_i T_i per layer (ssm; conv only with blend_conv) -> APPLIED
 - p < q <= p + max_lag: T is fast-forwarded through the tokens actually generated at p..q-1 (exact
   backbone steps) and alpha is decayed by delta_decay ** (q - p) -> APPLIED_LATE
-- q > p + max_lag -> PRUNED; another generation's entry or a non-finite target -> REJECTED;
-  an entry whose heads disagreed -> VETOED.
+- q > p + max_lag -> PRUNED; another generation's entry, a non-finite target (before or after the
+  fast-forward) or one whose ssm norm in a gated layer exceeds `max_target_norm_ratio` times the live
+  state's -> REJECTED; an entry whose heads disagreed -> VETOED.
+
+The norm bound exists because a finite but huge target is as harmful as a non-finite one: blended at
+alpha 0.05 it leaves a state of the same order, which overflows or drowns the model's own state
+(measured on the default model: a target of 1e38 everywhere gives NaN logits at the next step; one of
+1e30 leaves ssm entries near 4e28 for the next 100 steps). Targets of a working planner stand within a
+few times the live norm (measured: at most 3.1x, tiny random and default models, dynamics and exact
+search), so the default of 10 leaves a wide margin while bounding one blend's growth of a layer's
+norm to 1 + alpha * (ratio - 1) (1.45x at alpha 0.05). The live norm is the one the producer measured
+on the snapshot its plan started from (`reference_norms`, S_t, a few positions before S_p), so that the
+generator never waits for the device to compare; an entry without it is compared with the state at
+hand.
 
 Every entry put into a buffer leaves it exactly once, through one of these outcomes, and is counted.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +40,8 @@ from .streams import hand_over, wait
 
 # (tokens [K], state K rows advanced in place) -> logits [K, V]
 StepFn = Callable[[torch.Tensor, RecurrentState], torch.Tensor]
+
+DEFAULT_MAX_TARGET_NORM_RATIO = 10.0  # see the module docstring
 
 
 class InjectionOutcome(str, Enum):
@@ -68,6 +83,8 @@ class TargetEntry:
     captured_at: float = field(default_factory=time.monotonic)
     ready: torch.cuda.Event | None = None   # on the producer's stream, after target_state was written
     finite: bool = True             # every entry of target_state is finite (checked by the producer)
+    norms: torch.Tensor | None = None   # [L] ssm norm of each layer of target_state (CPU; with `finite`)
+    reference_norms: torch.Tensor | None = None  # [L] the same of the live state S_t the plan started from
 
     def __post_init__(self) -> None:
         if self.state_position < 0:
@@ -80,6 +97,7 @@ class TargetEntry:
         """Recheck `finite` (a device sync: done by whoever last wrote the target, so that the generator
         does not wait for the GPU to find out)."""
         self.finite = bool(self.target_state.is_finite().all())
+        self.norms = self.target_state.layer_norms()[:, 0].cpu()
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,13 @@ class InjectionCounters:
                 "pruned": self.pruned, "vetoed": self.vetoed, "rejected": self.rejected}
 
 
+def check_norm_ratio(ratio: float) -> None:
+    """max_target_norm_ratio must be a finite number >= 1: below 1 even a target equal to the live
+    state would be refused, and an infinite bound is no bound."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
+        raise ValueError(f"max_target_norm_ratio must be a finite number >= 1, got {ratio!r}")
+
+
 def catch_up(entry: TargetEntry, tokens: Sequence[int], until: int, step_fn: StepFn) -> None:
     """Advance entry.target_state in place through tokens[state_position:until] (exact steps)."""
     if until < entry.state_position:
@@ -144,13 +169,16 @@ class TargetBuffer:
     """Pending planner results of one session, keyed by target position. `put` may be called from any
     thread; `apply_due` and `finish` from the generator's thread."""
 
-    def __init__(self, generation_id: int, *, max_lag: int, delta_decay: float, blend_conv: bool = False):
+    def __init__(self, generation_id: int, *, max_lag: int, delta_decay: float, blend_conv: bool = False,
+                 max_target_norm_ratio: float = DEFAULT_MAX_TARGET_NORM_RATIO):
         if max_lag < 0 or not 0.0 <= delta_decay <= 1.0:
             raise ValueError("max_lag must be >= 0 and delta_decay in [0, 1]")
+        check_norm_ratio(max_target_norm_ratio)
         self.generation_id = generation_id
         self.max_lag = max_lag
         self.delta_decay = delta_decay
         self.blend_conv = blend_conv
+        self.max_target_norm_ratio = max_target_norm_ratio
         self.counters = InjectionCounters()
         self._pending: list[TargetEntry] = []   # arrival order
         self._lock = threading.Lock()
@@ -222,12 +250,31 @@ class TargetBuffer:
                                               "non-finite target after fast-forward"))
                     continue
             alpha = entry.alpha * self.delta_decay ** lateness
+            too_large = self._norm_excess(entry, state_row, alpha)
+            if too_large is not None:
+                events.append(self._event(entry, position, InjectionOutcome.REJECTED, too_large))
+                continue
             state_row.blend_(entry.target_state, alpha, blend_conv=self.blend_conv)
             outcome = InjectionOutcome.APPLIED if lateness == 0 else InjectionOutcome.APPLIED_LATE
             events.append(self._event(entry, position, outcome, "on time" if lateness == 0
                                       else f"late by {lateness}, decay {self.delta_decay ** lateness:.4g}",
                                       alpha))
         return events
+
+    def _norm_excess(self, entry: TargetEntry, state_row: RecurrentState, alpha: torch.Tensor) -> str | None:
+        """Why the entry's target is too large to blend, or None. Only gated layers (alpha > 0, CPU) count:
+        the others are not touched. A norm that overflows float32 is inf and so always too large."""
+        gated = torch.nonzero(alpha > 0).flatten().tolist()
+        if not gated:
+            return None
+        live = entry.reference_norms if entry.reference_norms is not None else state_row.layer_norms()[:, 0]
+        target_norms, live_norms = entry.norms.tolist(), live.tolist()
+        for layer in gated:
+            limit = self.max_target_norm_ratio * live_norms[layer]
+            if not target_norms[layer] <= limit:
+                return (f"target ssm norm {target_norms[layer]:.4g} in layer {layer} exceeds "
+                        f"{self.max_target_norm_ratio:g} x the live state's {live_norms[layer]:.4g}")
+        return None
 
     def finish(self, position: int) -> list[InjectionEvent]:
         """The generation ended at `position`: resolve what is left (never reached: PRUNED; foreign:

@@ -1,4 +1,5 @@
-"""Gated per-layer injection: the blend, exact positions, late entries, pruning, isolation, accounting."""
+"""Gated per-layer injection: the blend, exact positions, late entries, pruning, isolation, accounting,
+and the bound on a target's norm."""
 import pytest
 import torch
 
@@ -15,6 +16,11 @@ pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 def model():
     torch.manual_seed(0)
     return MambaLM(tiny_config()).eval()
+
+
+# Entries of a live state a few tokens into a random tiny model are of this order (layer norms near
+# 0.3); a target made at scale 1 would stand ~100x above it and be rejected by the norm bound.
+LIVE_SCALE = 0.01
 
 
 def random_state(config, batch=1, scale=1.0):
@@ -87,7 +93,7 @@ def test_entry_changes_logits_at_and_after_its_position_only(model):
     base, _, _ = run_forced(model, tokens)
     p = 9
     buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9)
-    buffer.put(entry(random_state(cfg), p, torch.full((cfg.n_layer,), 0.5)))
+    buffer.put(entry(random_state(cfg, scale=LIVE_SCALE), p, torch.full((cfg.n_layer,), 0.5)))
     steered, events, _ = run_forced(model, tokens, buffer)
     assert [e.outcome for e in events] == [InjectionOutcome.APPLIED]
     assert events[0].position == p and events[0].lateness == 0
@@ -101,7 +107,7 @@ def test_late_entry_is_fast_forwarded_and_decayed(model):
     cfg = model.config
     tokens = torch.randint(0, 256, (20,)).tolist()
     p, q, decay = 6, 9, 0.8
-    target = random_state(cfg)
+    target = random_state(cfg, scale=LIVE_SCALE)
     alpha = torch.tensor([0.0, 0.1, 0.4, 0.9])
     buffer = TargetBuffer(1, max_lag=4, delta_decay=decay)
     buffer.put(entry(target.clone(), p, alpha.clone()))
@@ -126,7 +132,7 @@ def test_partial_catch_up_gives_the_same_result(model):
     """A target the planner's worker already advanced through some tokens ends where a fresh one does."""
     cfg = model.config
     tokens = torch.randint(0, 256, (12,)).tolist()
-    target, alpha = random_state(cfg), torch.tensor([0.0, 0.0, 0.3, 0.6])
+    target, alpha = random_state(cfg, scale=LIVE_SCALE), torch.tensor([0.0, 0.0, 0.3, 0.6])
     results = []
     for worker_got_to in (None, 7, 9):
         e = entry(target.clone(), 5, alpha.clone())
@@ -139,7 +145,8 @@ def test_partial_catch_up_gives_the_same_result(model):
         with torch.no_grad():
             state = model.allocate_state(1)
             model.prefill(torch.tensor([tokens[:10]]), state)
-            buffer.apply_due(10, state, tokens, model.step)
+            [event] = buffer.apply_due(10, state, tokens, model.step)
+        assert event.outcome is InjectionOutcome.APPLIED_LATE, event.reason
         results.append(state.ssm)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
@@ -206,3 +213,125 @@ def test_finish_resolves_everything_left_and_refuses_more(model):
     assert c.produced == c.resolved == 2
     with pytest.raises(RuntimeError):
         buffer.put(entry(random_state(cfg), 14, alpha))
+
+
+# ---- bounded targets ------------------------------------------------------------------------------------
+
+def live_state(model, length=9):
+    """A real state after `length` tokens (the norms a planner's target is compared with)."""
+    state = model.allocate_state(1)
+    with torch.no_grad():
+        model.prefill(torch.randint(0, 256, (1, length)), state)
+    return state
+
+
+def filled(config, value):
+    target = RecurrentState.allocate(config, 1)
+    target.conv.fill_(value)
+    target.ssm.fill_(value)
+    return target
+
+
+# 1e6: a finite norm ~1e8 times the live one; the others: norms that overflow float32 (inf)
+@pytest.mark.parametrize("value", [1e6, 1e30, 1e38, -1e38])
+def test_huge_finite_targets_are_rejected_by_the_norm_bound(model, value):
+    cfg = model.config
+    state = live_state(model)
+    before = state.clone()
+    buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9)
+    buffer.put(entry(filled(cfg, value), 9, torch.full((cfg.n_layer,), 0.05)))
+    events = buffer.apply_due(9, state, list(range(9)), model.step)
+    assert [e.outcome for e in events] == [InjectionOutcome.REJECTED]
+    assert "exceeds 10 x the live state's" in events[0].reason and events[0].alpha == []
+    assert torch.equal(state.ssm, before.ssm) and torch.equal(state.conv, before.conv)
+    assert buffer.counters.rejected == 1 and buffer.counters.applied == 0
+
+
+def test_without_the_bound_a_huge_target_leaves_a_huge_state(model):
+    """What the bound prevents: under a bound that never binds, a 1e15 target (its norm still finite in
+    float32, unlike 1e30's) is blended and leaves entries ~5e13 in a state whose norm was 0.3."""
+    cfg = model.config
+    state = live_state(model)
+    buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9, max_target_norm_ratio=1e300)
+    buffer.put(entry(filled(cfg, 1e15), 9, torch.full((cfg.n_layer,), 0.05)))
+    [event] = buffer.apply_due(9, state, list(range(9)), model.step)
+    assert event.outcome is InjectionOutcome.APPLIED
+    assert state.ssm.abs().max() > 1e13
+
+
+def test_norm_bound_is_per_gated_layer_and_relative_to_the_live_state(model):
+    cfg = model.config
+    alpha = torch.tensor([0.0, 0.0, 0.05, 0.05])   # layers 0 and 1 are not blended
+    cases = [(9.0, 9.0, InjectionOutcome.APPLIED),      # 9x the live norm everywhere: within 10x
+             (11.0, 1.0, InjectionOutcome.REJECTED),    # 11x in gated layer 2
+             (1.0, 11.0, InjectionOutcome.REJECTED)]    # 11x in gated layer 3
+    for scale_2, scale_3, outcome in cases:
+        state = live_state(model)
+        target = state.clone()
+        target.ssm[0] *= 1e6                            # ungated: never looked at
+        target.ssm[2] *= scale_2
+        target.ssm[3] *= scale_3
+        buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9)
+        buffer.put(entry(target, 9, alpha))
+        [event] = buffer.apply_due(9, state, list(range(9)), model.step)
+        assert event.outcome is outcome, (scale_2, scale_3, event.reason)
+        if outcome is InjectionOutcome.REJECTED:
+            assert f"in layer {2 if scale_2 > 10 else 3}" in event.reason
+
+
+def test_a_target_non_finite_after_the_late_fast_forward_is_rejected(model):
+    cfg = model.config
+    state = live_state(model)
+    before = state.clone()
+
+    def overflowing_step(tokens, target):  # what a huge target does after a step or two
+        target.ssm.fill_(float("inf"))
+        return torch.zeros(tokens.shape[0], cfg.vocab_size)
+
+    buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9)
+    buffer.put(entry(state.clone(), 6, torch.full((cfg.n_layer,), 0.05)))   # 3 positions late at 9
+    [event] = buffer.apply_due(9, state, list(range(9)), overflowing_step)
+    assert (event.outcome, event.reason) == (InjectionOutcome.REJECTED, "non-finite target after fast-forward")
+    assert torch.equal(state.ssm, before.ssm)
+
+
+@pytest.mark.parametrize("ratio", [0.5, float("inf"), float("nan"), True])
+def test_max_target_norm_ratio_must_be_a_finite_bound_of_at_least_one(ratio):
+    from crsm_core.deliberation import DeliberationConfig
+    with pytest.raises(ValueError, match="max_target_norm_ratio"):
+        DeliberationConfig(max_target_norm_ratio=ratio)
+    with pytest.raises(ValueError, match="max_target_norm_ratio"):
+        TargetBuffer(1, max_lag=8, delta_decay=0.9, max_target_norm_ratio=ratio)
+
+
+def test_the_bound_uses_the_norms_of_the_plans_snapshot_when_given(model):
+    """The producer measures the live state it planned from (so the generator never waits on the device);
+    its norms, not those of the state at hand, set the limit."""
+    cfg = model.config
+    state = live_state(model)
+    alpha = torch.full((cfg.n_layer,), 0.05)
+    for reference_scale, outcome in ((1.0, InjectionOutcome.APPLIED), (0.01, InjectionOutcome.REJECTED)):
+        e = entry(state.clone(), 9, alpha)
+        e.reference_norms = state.layer_norms()[:, 0] * reference_scale
+        buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9)
+        buffer.put(e)
+        [event] = buffer.apply_due(9, state.clone(), list(range(9)), model.step)
+        assert event.outcome is outcome, event.reason
+
+
+def test_max_target_norm_ratio_reaches_the_session_buffer_and_plans_carry_their_snapshots_norms(model):
+    from crsm_core.deliberation import DeliberationConfig, SessionDeliberator
+    from crsm_core.injection import DEFAULT_MAX_TARGET_NORM_RATIO
+    from crsm_core.planner.runtime import PlannerRuntime
+    from crsm_core.value import ValueHeads, ValueHeadsConfig
+    assert DeliberationConfig().max_target_norm_ratio == DEFAULT_MAX_TARGET_NORM_RATIO == 10.0
+    config = DeliberationConfig.from_dict({"max_target_norm_ratio": 4, "synchronous": True, "fast_forward": "exact",
+                                           "children": "exact", "planner": {"n_simulations": 4}})
+    heads = ValueHeads(ValueHeadsConfig.for_model(model.config, hidden=8))
+    deliberator = SessionDeliberator(PlannerRuntime(model, model, heads), config, generation_id=1)
+    assert deliberator.buffer.max_target_norm_ratio == 4
+    state = live_state(model)
+    with torch.no_grad():
+        planned = deliberator.plan(state.clone(), 9, model.step(torch.tensor([1]), state.clone()))
+    assert torch.allclose(planned.reference_norms, state.layer_norms()[:, 0])
+    assert torch.allclose(planned.norms, planned.target_state.layer_norms()[:, 0])

@@ -224,12 +224,16 @@ class PlannerRuntime:
         cfg = requests[0].config
         states = RecurrentState.cat([r.snapshot for r in requests])           # R rows
         logits = torch.cat([r.logits for r in requests])                      # [R, V]
+        # the live states' norms, for TargetBuffer's bound on a target's norm: taken before the
+        # fast-forward moves the snapshots, read on the CPU once the search has synchronised anyway
+        live_norms = states.layer_norms()                                     # [L, R]
         ahead = fast_forward(_Guarded(self._steppers[cfg.fast_forward], requests, self), states, steps=cfg.lag,
                              logits=logits)
         result = search(states, ahead.logits, _Guarded(self._steppers[cfg.children], requests, self).step, self.value_heads,
                         cfg.planner)
         layer_values = result.layer_values.float()                            # [R, L] (CPU)
         actions = result.action.tolist()
+        live_norms = live_norms.cpu()
         stats = {k: float(v) for k, v in asdict(result.stats).items()}
         steps_per_root = cfg.lag + result.stats.expansions / len(requests)
         entries = []
@@ -244,7 +248,8 @@ class PlannerRuntime:
                 generation_id=request.deliberator.generation_id, target_position=request.position + c.lag,
                 captured_position=request.position, action=actions[i],
                 target_state=result.target_state.rows(slice(i, i + 1)), alpha=alpha, vetoed=vetoed,
-                spread=disagreement, planner_stats=stats, captured_at=request.captured_at))
+                spread=disagreement, planner_stats=stats, captured_at=request.captured_at,
+                reference_norms=live_norms[:, i]))
             request.deliberator.record_plan(int(result.stats.simulations) // len(requests), steps_per_root)
         self._catch_up_late(requests, entries)
         ready = self.lane.record() if threading.current_thread() is self._thread else record_current(self.device)
