@@ -2,12 +2,14 @@
 
 On SIGTERM or SIGINT the engine drains (up to `shutdown_drain_s`) and ends every still-open stream
 with a final event before uvicorn waits for the connections to close, so no client is left hanging.
+After SIGTERM the process exits 0; after SIGINT uvicorn re-raises it (KeyboardInterrupt), as it does.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import signal
 from pathlib import Path
 from types import FrameType
 
@@ -44,6 +46,13 @@ class GracefulServer(uvicorn.Server):
         log.info("signal %d: draining and closing open streams", sig)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.runtime.begin_shutdown)
+        if sig == signal.SIGTERM:
+            # uvicorn records the signals it handles and raises them again once its shutdown is done, so
+            # the process would die of SIGTERM (status 143) after draining cleanly. SIGTERM is how process
+            # managers ask for a stop; a stop that drained exits 0 (deploy/k8s/README.md). A second SIGTERM
+            # does not force an exit in uvicorn either, so setting should_exit is all its handler does.
+            self.should_exit = True
+            return
         super().handle_exit(sig, frame)
 
 

@@ -482,8 +482,8 @@ def test_crsm_serve_ends_open_streams_on_sigterm(model_dir):
             rest = list(events)
         name, data = rest[-1]
         assert name == "error" and json.loads(data)["error"]["code"] == "shutdown"
-        # uvicorn finishes its shutdown, then re-raises the signal it caught
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        # a drained stop on SIGTERM is a clean exit (uvicorn alone would re-raise the signal and die of it)
+        assert proc.wait(timeout=30) == 0
         assert "Finished server process" in proc.stdout.read()
     finally:
         if proc.poll() is None:
