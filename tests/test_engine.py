@@ -227,6 +227,49 @@ async def test_shutdown_drains_then_ends_open_sessions(model):
         engine.submit(request("c", 1))
 
 
+POISON = 7  # a prompt token whose prefill fails (BEL; no other prompt here holds it)
+
+
+class PoisonedPrefill(MambaLM):
+    """A backbone whose prefill raises for any chunk holding POISON, as a kernel failing on one input."""
+
+    def prefill(self, ids, state):
+        if bool((ids == POISON).any()):
+            raise RuntimeError("prefill failed on purpose")
+        return super().prefill(ids, state)
+
+
+async def test_a_failing_prefill_ends_only_its_session(model):
+    poisoned = PoisonedPrefill(model.config).eval()
+    poisoned.load_state_dict(model.state_dict())
+    # chunks of 4: the last poisoned prompt fails in its second chunk, after a first one that worked
+    engine = await run_engine(poisoned, EngineConfig(max_sessions=6, prefill_chunk=4))
+    try:
+        running = engine.submit(request("already streaming", 30, seed=1, ignore_eos=True))
+        running_events = running.stream()
+        assert isinstance(await anext(running_events), TokenEvent)  # decoding when the others arrive
+        specs = [("before", False), ([POISON, 1, 2], True), ("after it", False), ([1, 2, 3, 4, POISON], True)]
+        sessions = engine.submit_all([request(prompt, 12, seed=i, ignore_eos=True)
+                                      for i, (prompt, _) in enumerate(specs)])
+        for i, ((prompt, fails), session) in enumerate(zip(specs, sessions)):
+            final = [e async for e in session.stream()][-1]
+            if fails:
+                assert isinstance(final, ErrorEvent) and final.code == "internal_error", final
+                assert session.tokens == []
+            else:
+                assert isinstance(final, DoneEvent) and final.finish_reason == "length", final
+                assert session.tokens == reference_generate(model, TOKENIZER.encode(prompt), 12,
+                                                            SamplingParams(seed=i))
+        # the session that was decoding meanwhile is untouched, and the engine goes on serving
+        assert isinstance([e async for e in running_events][-1], DoneEvent)
+        assert running.tokens == reference_generate(model, TOKENIZER.encode("already streaming"), 30,
+                                                    SamplingParams(seed=1))
+        assert (await engine.submit(request("later", 5, ignore_eos=True)).collect()).done.usage.completion_tokens == 5
+        assert engine.num_active == 0 and engine.num_waiting == 0
+    finally:
+        await engine.shutdown()
+
+
 # ---- deliberation -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
