@@ -40,7 +40,8 @@ def _submit(runtime: Runtime, body: _OpenAIRequest, prompts: list[list[int]], ma
             extra_stops: tuple[str, ...] = ()) -> list[Session]:
     requests = [runtime.generation_request(
         ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        seed=None if body.seed is None else body.seed + j, stop=list(body.stop) + list(extra_stops),
+        # seed + j kept to 64 bits (the same bits as a seed, so -1 and 2**64 - 1 are one seed)
+        seed=None if body.seed is None else (body.seed + j) % 2**64, stop=list(body.stop) + list(extra_stops),
         ignore_eos=body.ignore_eos) for ids in prompts for j in range(body.n)]
     return runtime.submit(requests, PARAM_NAMES)
 

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Temperature = Field(1.0, ge=0.0, le=2.0)
 TopP = Field(1.0, gt=0.0, le=1.0)
 TopK = Field(0, ge=0)
+# The 64-bit range torch's generators take (the engine keeps a seed's 64 bits); a seed outside it used
+# to fail in the engine with a 500.
+Seed = Field(None, ge=-2**63, le=2**64 - 1)
 MAX_STOPS = 8
 
 
@@ -50,7 +53,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Temperature
     top_p: float = TopP
     top_k: int = TopK
-    seed: int | None = None
+    seed: int | None = Seed
     stop: list[str] = Field(default_factory=list)  # a string or a list of strings
     stream: bool = False
     ignore_eos: bool = False
@@ -109,7 +112,7 @@ class _OpenAIRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: list[str] = Field(default_factory=list)  # a string or a list of strings
-    seed: int | None = None
+    seed: int | None = Seed
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -110,6 +110,14 @@ def test_a_tiny_temperature_takes_the_best_token():
         assert [int(t.sample(logits)[0]) for _ in range(5)] == [1] * 5
 
 
+def test_a_tiny_top_p_keeps_the_best_token():
+    # 1.3e-214 (the reliability fuzzer's) is 0 in float32: the most likely token must still stay
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    for top_p in (1e-30, 1.3e-214, 5e-324):
+        t = table([SamplingParams(temperature=1.0, seed=2, top_p=top_p)])
+        assert [int(t.sample(logits)[0]) for _ in range(5)] == [1] * 5
+
+
 def test_seeds_across_the_64_bit_range():
     logits = torch.randn(1, 64)
     draws = {}

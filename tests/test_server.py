@@ -308,6 +308,8 @@ OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max
     (GENERATE, {"prompt": "a", "token_ids": [1]}, None, "value_error"),
     (GENERATE, {"prompt": "a", "max_token": 3}, "max_token", "extra_forbidden"),
     (GENERATE, {"prompt": "a", "top_p": 1.5}, "top_p", "less_than_equal"),
+    (GENERATE, {"prompt": "a", "seed": -2**63 - 1}, "seed", "greater_than_equal"),
+    (COMPLETIONS, {**OK_COMPLETION, "seed": 2**64}, "seed", "less_than_equal"),
     (GENERATE, {"prompt": "a", "stop": ["a"] * 9}, "stop", "value_error"),
     (GENERATE, {"prompt": "a", "deliberation": {"lag": 0}}, "deliberation.lag", "greater_than_equal"),
     (GENERATE, {"prompt": "a", "deliberation": {"injection_rate": 2}}, "deliberation.injection_rate",
@@ -327,6 +329,13 @@ def test_bad_input_gets_400_and_an_openai_error_body(live, path, body, param, co
     # and the server goes on serving
     ok = httpx.post(live.url + COMPLETIONS, json=OK_COMPLETION)
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 2
+
+
+def test_the_extreme_seeds_are_served(live):
+    # choice j uses seed + j, kept to 64 bits: the largest seed's second choice is seed 0
+    for body in ({**OK_COMPLETION, "seed": 2**64 - 1, "n": 2}, {**OK_COMPLETION, "seed": -2**63}):
+        r = httpx.post(live.url + COMPLETIONS, json=body)
+        assert r.status_code == 200, r.text
 
 
 def test_unknown_route_is_404_in_the_same_shape(live):
