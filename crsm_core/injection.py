@@ -8,8 +8,8 @@ holds S_q, just before the step that consumes token q:
 - p < q <= p + max_lag: T is fast-forwarded through the tokens actually generated at p..q-1 (exact
   backbone steps) and alpha is decayed by delta_decay ** (q - p) -> APPLIED_LATE
 - q > p + max_lag -> PRUNED; another generation's entry, a non-finite target (before or after the
-  fast-forward) or one whose ssm norm in a gated layer exceeds `max_target_norm_ratio` times the live
-  state's -> REJECTED; an entry whose heads disagreed -> VETOED.
+  fast-forward) or gate, or a target whose ssm norm in a gated layer exceeds `max_target_norm_ratio`
+  times the live state's -> REJECTED; an entry whose heads disagreed -> VETOED.
 
 The norm bound exists because a finite but huge target is as harmful as a non-finite one: blended at
 alpha 0.05 it leaves a state of the same order, which overflows or drowns the model's own state
@@ -229,6 +229,11 @@ class TargetBuffer:
                 continue
             if not entry.finite:
                 events.append(self._event(entry, position, InjectionOutcome.REJECTED, "non-finite target"))
+                continue
+            if not bool(torch.isfinite(entry.alpha).all()):
+                # value heads that read a wild state can give NaN gates; blend_ would skip those layers
+                # and the entry would count as applied with nothing applied
+                events.append(self._event(entry, position, InjectionOutcome.REJECTED, "non-finite gates"))
                 continue
             if entry.vetoed:
                 events.append(self._event(entry, position, InjectionOutcome.VETOED,

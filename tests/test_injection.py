@@ -295,6 +295,19 @@ def test_a_target_non_finite_after_the_late_fast_forward_is_rejected(model):
     assert torch.equal(state.ssm, before.ssm)
 
 
+def test_non_finite_gates_are_rejected_not_counted_as_applied(model):
+    # value heads reading a state of 1e38 give NaN values, and so NaN gates; blend_ skips a NaN layer, so
+    # such an entry changed nothing yet was reported as applied
+    cfg = model.config
+    state = live_state(model)
+    before = state.clone()
+    buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9)
+    buffer.put(entry(state.clone(), 9, torch.tensor([0.0, 0.0, float("nan"), 0.05])))
+    [event] = buffer.apply_due(9, state, list(range(9)), model.step)
+    assert (event.outcome, event.reason) == (InjectionOutcome.REJECTED, "non-finite gates")
+    assert torch.equal(state.ssm, before.ssm) and buffer.counters.applied == 0
+
+
 @pytest.mark.parametrize("ratio", [0.5, float("inf"), float("nan"), True])
 def test_max_target_norm_ratio_must_be_a_finite_bound_of_at_least_one(ratio):
     from crsm_core.deliberation import DeliberationConfig
