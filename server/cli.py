@@ -59,7 +59,8 @@ class GracefulServer(uvicorn.Server):
 # How long an idle keep-alive connection stays open. It must outlast the idle expiry of clients' pools
 # (httpx, and so the openai client and ours: 5 s; uvicorn's own default is also 5 s): when both are equal,
 # a client sometimes sends a request on a connection the server is closing at that moment and gets a
-# read error it cannot safely retry (measured: 1 to 4 of ~2000 requests of the load test in 30 s).
+# read error it cannot safely retry (seen in the load test of tests/reliability: 1 to 4 read errors in
+# about 1000 requests).
 # 65 s also outlasts the usual load balancers' 60 s idle timeout, for the same reason.
 KEEP_ALIVE_S = 65
 
