@@ -221,6 +221,6 @@ async def test_sigterm_during_open_streams_ends_each_with_a_final_event(serve, f
     assert await asyncio.to_thread(serve.proc.wait, 30) == 0
     output = serve.output()
     assert "Traceback" not in output, output[-3000:]
-    figures.record("sigterm", streams=STREAMS, running=open_now["crsm_running_sessions"],
-                   queued=open_now["crsm_waiting_sessions"], ended_done=done,
+    figures.record("sigterm", streams=STREAMS, running=int(open_now["crsm_running_sessions"]),
+                   queued=int(open_now["crsm_waiting_sessions"]), ended_done=done,
                    ended_error_shutdown=STREAMS - done, exit_status=serve.proc.returncode)
