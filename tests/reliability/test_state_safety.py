@@ -118,12 +118,12 @@ def test_poisoned_targets_through_the_server(model_dir, figures):
         rejected = 0
         for value in POISONS:
             poisoned.value = value
-            body = {"prompt": f"poisoned by {value}", "max_tokens": 48, "seed": 9, "temperature": 0.8,
+            body = {"prompt": f"poisoned by {value}", "max_tokens": 96, "seed": 9, "temperature": 0.8,
                     "ignore_eos": True}
             plain = httpx.post(server.url + "/v1/generate", json=body, timeout=60).json()
             events = stream_generate(server.url, {**body, "deliberation": {"enabled": True, "simulations": 4}})
             name, done = events[-1]
-            assert name == "done" and done["usage"]["completion_tokens"] == 48
+            assert name == "done" and done["usage"]["completion_tokens"] == 96
             # untouched states sample exactly what the session without deliberation sampled
             assert [d["token_id"] for e, d in events if e == "token"] == plain["token_ids"], value
             # every entry was refused, or never reached (pruned when the generation ended before it)
