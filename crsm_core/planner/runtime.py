@@ -115,19 +115,17 @@ class PlannerRuntime:
         self.lane = Lane(self.device, "low")
         on_gpu = self.device.type == "cuda"
         if ride is not None:
-            exact = _RideStepper(ride, ride_rows)
+            exact: Stepper = _RideStepper(ride, ride_rows)
             self._steppers: dict[str, Stepper] = {"dynamics": exact, "exact": exact}
-            self._catch_up: Stepper = exact
-            # The generator's own catch-ups must not wait for its own next step.
-            self.generator_step: Stepper = CapturedStepper(backbone, backbone.step, 1) if on_gpu else backbone
         else:
             exact = CapturedStepper(backbone, backbone.step, CAPTURED_ROWS) if on_gpu else backbone
             latent = CapturedStepper(backbone, dynamics.step, CAPTURED_ROWS) if on_gpu else dynamics
             self._steppers = {"dynamics": latent, "exact": exact}
-            self._catch_up = exact
-            # The generator catches late entries up through a token or two itself; eager, a step on the
-            # GPU would stall it for a few hundred kernel launches.
-            self.generator_step = CapturedStepper(backbone, backbone.step, 1) if on_gpu else backbone
+        self._catch_up = exact
+        # The generator catches late entries up through a token or two itself, on its own stream: a
+        # graph of one row (eager, a step on the GPU is a few hundred kernel launches; and in ride mode
+        # it must not wait for its own next step).
+        self.generator_step: Stepper = CapturedStepper(backbone, backbone.step, 1) if on_gpu else backbone
         self._cond = threading.Condition()
         self._queue: deque[PlanRequest] = deque()
         self._batch: list[PlanRequest] = []
