@@ -35,12 +35,19 @@ def _stops(value: object) -> object:
 
 # ---- native API ---------------------------------------------------------------------------------------
 
+# One request must not be able to hold up every session's planning or fill the device: a plan's node
+# pool holds simulations + 1 states per session (9.8 MB each at 129M parameters), and a plan steps `lag`
+# tokens ahead before it searches.
+MAX_SIMULATIONS = 256
+MAX_LAG = 32
+
+
 class DeliberationRequest(BaseModel):
     """Per-request deliberation; fields left out take the server's defaults."""
     model_config = ConfigDict(extra="forbid")
     enabled: bool | None = None
-    lag: int | None = Field(None, ge=1)
-    simulations: int | None = Field(None, ge=1)
+    lag: int | None = Field(None, ge=1, le=MAX_LAG)
+    simulations: int | None = Field(None, ge=1, le=MAX_SIMULATIONS)
     injection_rate: float | None = Field(None, ge=0.0, le=1.0)
     use_suggestions: bool | None = None
 
