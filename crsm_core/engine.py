@@ -42,7 +42,7 @@ import torch
 from .backbone import MambaLM
 from .backbone.graphs import CapturedDecoder, CapturedPrefill
 from .deliberation import DeliberationConfig
-from .planner.runtime import PLANNER_MODES, PlannerRuntime
+from .planner.runtime import PLANNER_MODES, PlannerRuntime, resolve_planner_mode
 from .sampling import SamplingParams, SamplingTable
 from .state import RecurrentState
 from .stopping import StopMatcher
@@ -85,14 +85,15 @@ class EngineConfig:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 1024
     retry_after_s: int = 1
-    # Where planner work runs on a GPU (planner/runtime.py): "stream" = its own lower-priority CUDA
-    # stream and graphs; "ride" = planner rows ride inside the generator's own batched decode step.
-    planner_mode: str = "stream"
+    # Where planner work runs (planner/runtime.py): "stream" = its own thread and, on a GPU, its own
+    # lower-priority CUDA stream and graphs; "ride" = planner rows ride inside the generator's own batched
+    # decode step; "auto" = ride on a GPU, stream elsewhere (resolve_planner_mode says why).
+    planner_mode: str = "auto"
     ride_rows: int = 16             # "ride": planner rows added to a decode step at most
 
     def __post_init__(self) -> None:
-        if self.planner_mode not in PLANNER_MODES:
-            raise ValueError(f"planner_mode must be one of {PLANNER_MODES}, got {self.planner_mode!r}")
+        if self.planner_mode not in ("auto", *PLANNER_MODES):
+            raise ValueError(f"planner_mode must be 'auto' or one of {PLANNER_MODES}, got {self.planner_mode!r}")
         for name in ("max_sessions", "prefill_chunk", "max_prompt_tokens", "max_new_tokens", "retry_after_s",
                      "ride_rows"):
             if getattr(self, name) < 1:
@@ -323,8 +324,9 @@ class Engine:
         self._deliberator_factory = deliberator_factory
         self._listener = listener
         self._planner_runtime: PlannerRuntime | None = None   # owned (closed at shutdown) when set
+        self.planner_mode = resolve_planner_mode(config.planner_mode, self.device)
         n = config.max_sessions
-        rows = n + (config.ride_rows if config.planner_mode == "ride" else 0)
+        rows = n + (config.ride_rows if self.planner_mode == "ride" else 0)
         with torch.no_grad():
             self.pool = model.allocate_state(rows)
             self._logits = torch.zeros(n, self.vocab_size, dtype=torch.float32, device=self.device)  # [n, V]
@@ -351,12 +353,12 @@ class Engine:
     def for_model(cls, model: "CRSMModel", config: EngineConfig = EngineConfig(),
                   listener: EngineListener | None = None) -> "Engine":
         """The engine of a loaded model: its backbone and tokenizer, and a planner per deliberating
-        session on a planner runtime of the engine's own (`config.planner_mode`)."""
+        session on a planner runtime of the engine's own (`planner_mode`)."""
         if model.tokenizer is None:
             raise ValueError("the engine needs a model with a tokenizer")
         engine = cls(model.backbone, model.tokenizer, config, listener=listener)
-        ride = engine.ride if config.planner_mode == "ride" else None
-        runtime = model.planner_runtime(config.planner_mode, ride=ride, ride_rows=config.ride_rows)
+        ride = engine.ride if engine.planner_mode == "ride" else None
+        runtime = model.planner_runtime(engine.planner_mode, ride=ride, ride_rows=config.ride_rows)
         engine._planner_runtime = runtime
         engine._deliberator_factory = lambda request: model.new_deliberator(request.deliberation, runtime)
         return engine
@@ -487,7 +489,7 @@ class Engine:
 
     def _run(self) -> None:
         log.info("generator started: %d slots, prefill chunk %d, planner mode %s", self.config.max_sessions,
-                 self.config.prefill_chunk, self.config.planner_mode)
+                 self.config.prefill_chunk, self.planner_mode)
         with torch.no_grad(), self._lane.active():
             while True:
                 with self._cond:
@@ -575,7 +577,7 @@ class Engine:
 
     def _decode_round(self) -> None:
         """Token q of every running session, then the step that consumes it (see the module docstring)."""
-        rides = self._take_rides() if self.config.planner_mode == "ride" else []
+        rides = self._take_rides() if self.planner_mode == "ride" else []
         try:
             self._decode_round_with(rides)
         except BaseException as e:   # the planner waiting for these rows must not wait forever

@@ -111,8 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled between two decode steps")
     p.add_argument("--shutdown-drain-s", type=float, help="seconds running sessions get to finish on shutdown")
     p.add_argument("--torch-threads", type=int, help="CPU threads for model work (default: torch's)")
-    p.add_argument("--planner-mode", choices=("stream", "ride"),
-                   help="GPU planner work on its own low-priority stream, or riding in the decode step")
+    p.add_argument("--planner-mode", choices=("auto", "stream", "ride"),
+                   help="planner work on its own (low-priority) stream, or riding in the decode step; "
+                        "auto (default): ride on a GPU, stream on the CPU")
     p.add_argument("--ride-rows", type=int, help="ride mode: planner rows per decode step at most")
     p.add_argument("--deliberation", action=argparse.BooleanOptionalAction, default=None,
                    help="deliberation on by default for requests that do not say")

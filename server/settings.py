@@ -38,7 +38,7 @@ class ServerSettings(BaseModel):
     shutdown_drain_s: float = Field(10.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # CPU intra-op threads; None = torch's default
     # where planner work runs on a GPU (crsm_core/planner/runtime.py); docs/benchmarks.md measures both
-    planner_mode: Literal["stream", "ride"] = "stream"
+    planner_mode: Literal["auto", "stream", "ride"] = "auto"   # auto: ride on a GPU, stream on the CPU
     ride_rows: int = Field(16, ge=1)       # "ride": planner rows carried by one decode step at most
     # deliberation: the defaults of requests that do not say; None = the model's own setting
     deliberation_enabled: bool = False

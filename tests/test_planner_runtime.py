@@ -94,10 +94,21 @@ async def test_ride_mode_gives_the_plans_of_exact_steps(crsm):
         assert result.token_ids == alone.token_ids
     finally:
         await engine.shutdown()
-        ride_runtime.close()
         stream_runtime.close()
-    with pytest.raises(RuntimeError, match="cannot ride"):
-        ride_runtime.plan_now(requests_for(ride_runtime, EXACT, states[:1]))
+    # a synchronous plan cannot ride (its caller is the generator): it steps inline, to the same plan
+    inline = ride_runtime.plan_now(requests_for(ride_runtime, EXACT, states[:1]))[0]
+    assert inline.action == expected[0].action
+    torch.testing.assert_close(inline.target_state.ssm, expected[0].target_state.ssm, rtol=1e-5, atol=1e-6)
+    ride_runtime.close()
+
+
+def test_auto_planner_mode_rides_on_a_gpu_only():
+    from crsm_core.planner.runtime import resolve_planner_mode
+    assert resolve_planner_mode("auto", torch.device("cpu")) == "stream"
+    assert resolve_planner_mode("auto", torch.device("cuda")) == "ride"
+    assert resolve_planner_mode("stream", torch.device("cuda")) == "stream"
+    with pytest.raises(ValueError, match="planner mode"):
+        resolve_planner_mode("fast", torch.device("cpu"))
 
 
 async def test_ride_engine_runs_deliberating_sessions_to_the_end(crsm):

@@ -43,6 +43,17 @@ log = logging.getLogger(__name__)
 
 PlannerMode = Literal["stream", "ride"]
 PLANNER_MODES: tuple[str, ...] = ("stream", "ride")
+
+
+def resolve_planner_mode(mode: str, device: torch.device) -> PlannerMode:
+    """"auto": "ride" on a GPU, where it cost the generator least (docs/benchmarks.md: ITL p50 1.04x
+    against 1.28x at 16 sessions on an H200), "stream" elsewhere (on the CPU a planner thread uses a
+    second core, while riding rows would lengthen every decode step)."""
+    if mode == "auto":
+        return "ride" if device.type == "cuda" else "stream"
+    if mode not in PLANNER_MODES:
+        raise ValueError(f"planner mode must be 'auto' or one of {PLANNER_MODES}, got {mode!r}")
+    return mode
 # Rows a captured planner stepper steps per replay (more are done in several replays).
 CAPTURED_ROWS = 64
 
@@ -114,6 +125,10 @@ class PlannerRuntime:
         self.device = backbone.device
         self.lane = Lane(self.device, "low")
         on_gpu = self.device.type == "cuda"
+        # Synchronous plans (the deterministic test and evaluation mode) run on the caller's thread and
+        # stream; in ride mode that is the generator, which cannot carry rows it waits for itself, so
+        # they step eagerly there.
+        self._inline: dict[str, Stepper] = {"dynamics": dynamics, "exact": backbone}
         if ride is not None:
             exact: Stepper = _RideStepper(ride, ride_rows)
             self._steppers: dict[str, Stepper] = {"dynamics": exact, "exact": exact}
@@ -121,7 +136,8 @@ class PlannerRuntime:
             exact = CapturedStepper(backbone, backbone.step, CAPTURED_ROWS) if on_gpu else backbone
             latent = CapturedStepper(backbone, dynamics.step, CAPTURED_ROWS) if on_gpu else dynamics
             self._steppers = {"dynamics": latent, "exact": exact}
-        self._catch_up = exact
+        if ride is None:
+            self._inline = self._steppers
         # The generator catches late entries up through a token or two itself, on its own stream: a
         # graph of one row (eager, a step on the GPU is a few hundred kernel launches; and in ride mode
         # it must not wait for its own next step).
@@ -152,10 +168,7 @@ class PlannerRuntime:
 
     def plan_now(self, requests: list[PlanRequest]) -> list[TargetEntry]:
         """Plan inline on the calling thread and stream (the synchronous, deterministic mode)."""
-        if self.mode == "ride":
-            # the caller is (or waits on) the generator, whose next step would carry these rows: never
-            raise RuntimeError("synchronous planning cannot ride in the generator's step; use the stream mode")
-        return self._plan(requests)
+        return self._plan(requests, self._inline)
 
     def close(self) -> None:
         """Stop the worker after the batch in hand; queued requests are cancelled."""
@@ -196,7 +209,7 @@ class PlannerRuntime:
                 if not batch:
                     continue
                 try:
-                    entries = self._plan(batch)
+                    entries = self._plan(batch, self._steppers)
                 except PlanCancelled as e:
                     for request in batch:
                         request.future.set_exception(e)
@@ -213,7 +226,7 @@ class PlannerRuntime:
 
     # ---- one batched plan ---------------------------------------------------------------------
 
-    def _plan(self, requests: list[PlanRequest]) -> list[TargetEntry]:
+    def _plan(self, requests: list[PlanRequest], steppers: dict[str, Stepper]) -> list[TargetEntry]:
         """From R snapshots S_t: fast-forward each to p = t + lag (greedy), one search over the R roots,
         then per root: the best action, its target state T_p, gates from its session's settings."""
         for request in requests:
@@ -225,9 +238,9 @@ class PlannerRuntime:
         # the live states' norms, for TargetBuffer's bound on a target's norm: taken before the
         # fast-forward moves the snapshots, read on the CPU once the search has synchronised anyway
         live_norms = states.layer_norms()                                     # [L, R]
-        ahead = fast_forward(_Guarded(self._steppers[cfg.fast_forward], requests, self), states, steps=cfg.lag,
+        ahead = fast_forward(_Guarded(steppers[cfg.fast_forward], requests, self), states, steps=cfg.lag,
                              logits=logits)
-        result = search(states, ahead.logits, _Guarded(self._steppers[cfg.children], requests, self).step, self.value_heads,
+        result = search(states, ahead.logits, _Guarded(steppers[cfg.children], requests, self).step, self.value_heads,
                         cfg.planner)
         layer_values = result.layer_values.float()                            # [R, L] (CPU)
         actions = result.action.tolist()
@@ -249,14 +262,14 @@ class PlannerRuntime:
                 spread=disagreement, planner_stats=stats, captured_at=request.captured_at,
                 reference_norms=live_norms[:, i]))
             request.deliberator.record_plan(int(result.stats.simulations) // len(requests), steps_per_root)
-        self._catch_up_late(requests, entries)
+        self._catch_up_late(requests, entries, steppers["exact"])
         ready = self.lane.record() if threading.current_thread() is self._thread else record_current(self.device)
         for entry in entries:
             entry.ready = ready
         self.batches += 1
         return entries
 
-    def _catch_up_late(self, requests: list[PlanRequest], entries: list[TargetEntry]) -> None:
+    def _catch_up_late(self, requests: list[PlanRequest], entries: list[TargetEntry], exact: Stepper) -> None:
         """Advance (exact steps, batched over sessions) the targets whose position the generator has
         already passed, through the tokens it produced meanwhile, so it is left little to do itself.
         Hopeless entries (more than max_lag late) and vetoed ones are left as they are."""
@@ -268,7 +281,7 @@ class PlannerRuntime:
                 todo.append((entry, tokens))
         if not todo:
             return
-        step = _Guarded(self._catch_up, requests, self).step
+        step = _Guarded(exact, requests, self).step
         for _ in range(max(len(tokens) - entry.target_position for entry, tokens in todo)):
             active = [(e, t) for e, t in todo if len(t) > e.state_position]
             states = RecurrentState.cat([e.target_state for e, _ in active])
