@@ -100,6 +100,10 @@ class _RideStepper:
         self.ride, self.rows = ride, rows
 
     def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        if tokens.is_cuda:
+            # Finish this (low-priority) stream's work on the rows here, in the worker, which waits for
+            # the ride anyway: the generator's stream must never wait on the GPU for planner kernels.
+            torch.cuda.current_stream().synchronize()
         pieces = [slice(i, min(i + self.rows, tokens.shape[0])) for i in range(0, tokens.shape[0], self.rows)]
         futures = [self.ride(tokens[p], state.rows(p)) for p in pieces]
         out = []
