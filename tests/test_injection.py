@@ -260,7 +260,6 @@ def test_without_the_bound_a_huge_target_leaves_a_huge_state(model):
 
 
 def test_norm_bound_is_per_gated_layer_and_relative_to_the_live_state(model):
-    cfg = model.config
     alpha = torch.tensor([0.0, 0.0, 0.05, 0.05])   # layers 0 and 1 are not blended
     cases = [(9.0, 9.0, InjectionOutcome.APPLIED),      # 9x the live norm everywhere: within 10x
              (11.0, 1.0, InjectionOutcome.REJECTED),    # 11x in gated layer 2
@@ -298,7 +297,6 @@ def test_a_target_non_finite_after_the_late_fast_forward_is_rejected(model):
 def test_non_finite_gates_are_rejected_not_counted_as_applied(model):
     # value heads reading a state of 1e38 give NaN values, and so NaN gates; blend_ skips a NaN layer, so
     # such an entry changed nothing yet was reported as applied
-    cfg = model.config
     state = live_state(model)
     before = state.clone()
     buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9)

@@ -14,7 +14,7 @@ from crsm_core.deliberation import DeliberationConfig, SessionDeliberator
 from crsm_core.engine import Engine, EngineConfig, GenerationRequest
 from crsm_core.model import CRSMModel
 from crsm_core.planner import PlannerConfig
-from crsm_core.planner.runtime import PlannerRuntime, PlanRequest
+from crsm_core.planner.runtime import PlanRequest
 from crsm_core.sampling import SamplingParams
 from crsm_core.tokenizer import ByteTokenizer
 

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from crsm_core.backbone import fused_available
 from scripts.gpu_parity import BF16_CASE, FP32_CASE, environment, measure, time_steps, write_results
