@@ -189,3 +189,33 @@ def test_transformers_baseline_loads_the_same_weights_on_the_cpu(tmp_path):
     result = baselines.hf_runs(workload, torch.device("cpu"), (1, 3), tokens=8)
     assert result.status == "ok" and [r.streams for r in result.runs] == [1, 3]
     assert all(r.tokens_per_stream == 8 and r.itl.count == 8 - 1 - workload.settings.warmup_gaps for r in result.runs)
+
+
+def test_timed_runs_streams_every_step_of_each_batch(tmp_path):
+    # The baselines' timing loop, with a greedy loop of the tiny backbone standing in for generate().
+    from crsm_core.bench import baselines
+    from crsm_core.bench.workload import Workload
+
+    workload = Workload(quick_settings(tmp_path))
+    model, warmed = workload.backbone, []
+
+    @torch.no_grad()
+    def generate(ids, streamer):
+        state = model.allocate_state(ids.shape[0])
+        logits, out = model.prefill(ids, state), [ids]
+        streamer.put(ids)
+        for _ in range(10):
+            token = logits.argmax(dim=-1)
+            streamer.put(token)
+            out.append(token[:, None])
+            logits = model.step(token, state)
+        streamer.end()
+        return torch.cat(out, dim=1)
+
+    runs = baselines.timed_runs("greedy loop", workload, torch.device("cpu"), (1, 3), 10,
+                                lambda ids: warmed.append(ids.shape[0]), generate)
+    assert warmed == [1, 3] and [r.streams for r in runs] == [1, 3]
+    assert all(r.total_tokens == r.streams * 10 and r.itl.count == 10 - 1 - workload.settings.warmup_gaps
+               and r.tokens_per_s > 0 for r in runs)
+    with pytest.raises(RuntimeError, match="greedy loop generate returned"):
+        baselines.timed_runs("greedy loop", workload, torch.device("cpu"), (2,), 9, lambda ids: None, generate)

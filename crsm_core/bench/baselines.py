@@ -84,6 +84,27 @@ def baseline_run(streamer: TimingStreamer, batch: int, tokens: int, warmup: int,
                      ttft=LatencyStats.of([times[0] - streamer.prompt_at]))
 
 
+def timed_runs(name: str, workload: Workload, device: torch.device, batches: tuple[int, ...], tokens: int,
+               warm_up: Callable[[torch.Tensor], object],
+               generate: Callable[[torch.Tensor, TimingStreamer], torch.Tensor]) -> list[StreamRun]:
+    """Per batch size: `warm_up(ids)`, then one timed `generate(ids, streamer)` of `tokens` new tokens
+    after prompts ids [B, P]; its per-token timestamps become the run's ITL and throughput."""
+    runs = []
+    for batch in batches:
+        ids = torch.tensor(workload.prompts(batch, salt=510 + batch), device=device)     # [B, P]
+        warm_up(ids)
+        streamer = streamer_for(device)
+        start = time.perf_counter()
+        out = generate(ids, streamer)
+        wall = time.perf_counter() - start
+        if tuple(out.shape) != (batch, ids.shape[1] + tokens):
+            raise RuntimeError(f"{name} generate returned {tuple(out.shape)}")
+        runs.append(baseline_run(streamer, batch, tokens, workload.settings.warmup_gaps, wall))
+        log.info("%s batch %d: ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", name, batch, runs[-1].itl.p50_ms,
+                 runs[-1].itl.p99_ms, runs[-1].tokens_per_s)
+    return runs
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in fp32."""
     a, b = a.float(), b.float()
@@ -129,25 +150,17 @@ def mamba_ssm_generate(model: torch.nn.Module, ids: torch.Tensor, tokens: int, s
 
 
 def mamba_ssm_runs(workload: Workload, device: torch.device, batches: tuple[int, ...], tokens: int) -> BaselineResult:
-    s = workload.settings
     model = mamba_ssm_model(workload, device)
     probe = torch.tensor(workload.prompts(1, salt=500), device=device)
     with torch.inference_mode():
         err = rel_err(mamba_ssm_logits(model, probe)[..., :workload.config.vocab_size], workload.backbone(probe))
-    runs = []
-    for batch in batches:
-        ids = torch.tensor(workload.prompts(batch, salt=510 + batch), device=device)     # [B, P]
+
+    def warm_up(ids: torch.Tensor) -> None:
         model._decoding_cache = None  # a fresh graph cache per batch size, captured by the warm-up call
         mamba_ssm_generate(model, ids, tokens, streamer_for(device))
-        streamer = streamer_for(device)
-        start = time.perf_counter()
-        out = mamba_ssm_generate(model, ids, tokens, streamer)
-        wall = time.perf_counter() - start
-        if tuple(out.shape) != (batch, ids.shape[1] + tokens):
-            raise RuntimeError(f"mamba_ssm generate returned {tuple(out.shape)}")
-        runs.append(baseline_run(streamer, batch, tokens, s.warmup_gaps, wall))
-        log.info("mamba_ssm batch %d: ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", batch, runs[-1].itl.p50_ms,
-                 runs[-1].itl.p99_ms, runs[-1].tokens_per_s)
+
+    runs = timed_runs("mamba_ssm", workload, device, batches, tokens, warm_up,
+                      lambda ids, streamer: mamba_ssm_generate(model, ids, tokens, streamer))
     model._decoding_cache = None
     return BaselineResult(
         backend="mamba_ssm", status="ok", reason=None,
@@ -202,19 +215,9 @@ def hf_runs(workload: Workload, device: torch.device, batches: tuple[int, ...], 
     probe = torch.tensor(workload.prompts(1, salt=500), device=device)
     with torch.inference_mode():
         err = rel_err(model(probe).logits[..., :workload.config.vocab_size], workload.backbone(probe))
-    runs = []
-    for batch in batches:
-        ids = torch.tensor(workload.prompts(batch, salt=510 + batch), device=device)     # [B, P]
-        hf_generate(model, ids, s.warmup_gaps + 4, streamer_for(device))  # autotuning, allocator
-        streamer = streamer_for(device)
-        start = time.perf_counter()
-        out = hf_generate(model, ids, tokens, streamer)
-        wall = time.perf_counter() - start
-        if tuple(out.shape) != (batch, ids.shape[1] + tokens):
-            raise RuntimeError(f"transformers generate returned {tuple(out.shape)}")
-        runs.append(baseline_run(streamer, batch, tokens, s.warmup_gaps, wall))
-        log.info("transformers batch %d: ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", batch, runs[-1].itl.p50_ms,
-                 runs[-1].itl.p99_ms, runs[-1].tokens_per_s)
+    runs = timed_runs("transformers", workload, device, batches, tokens,
+                      lambda ids: hf_generate(model, ids, s.warmup_gaps + 4, streamer_for(device)),  # autotuning
+                      lambda ids, streamer: hf_generate(model, ids, tokens, streamer))
     import transformers
 
     mamba_kernels = importlib.util.find_spec("mamba_ssm") is not None
