@@ -234,7 +234,8 @@ class SessionDeliberator:
 
     async def _run(self, request: PlanRequest) -> None:
         try:
-            entry = await asyncio.wrap_future(self.runtime.submit(request))
+            [future] = self.runtime.submit([request])
+            entry = await asyncio.wrap_future(future)
         except (PlanCancelled, asyncio.CancelledError, concurrent.futures.CancelledError):
             self.planner_counters.cancelled += 1
             if not request.future.done():

@@ -144,8 +144,11 @@ class CRSMModel:
                         ride_rows: int = 16) -> PlannerRuntime:
         """A new planner runtime over this model's parts ("ride" mode: steps go to `ride`, at most
         `ride_rows` rows at a time)."""
-        return PlannerRuntime(self.backbone, self.dynamics, self.value_heads, mode=mode, ride=ride,
-                              ride_rows=ride_rows)
+        runtime = PlannerRuntime(self.backbone, self.dynamics, self.value_heads, mode=mode, ride=ride,
+                                 ride_rows=ride_rows)
+        if self.config.enabled:
+            runtime.prepare(self.config)
+        return runtime
 
     @property
     def runtime(self) -> PlannerRuntime:

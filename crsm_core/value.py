@@ -71,7 +71,9 @@ class ValueHeads(nn.Module):
 
     def features(self, ssm: torch.Tensor) -> torch.Tensor:
         """ssm: [L, B, H, P, N] -> [L, B, F] RMS-normalised pooled features."""
-        pooled = torch.cat([ssm.float().mean(dim=-1).flatten(2), ssm.float().mean(dim=-2).flatten(2)], dim=-1)
+        # means accumulated in float32 without a float32 copy of the (large, often bf16) state
+        pooled = torch.cat([ssm.mean(dim=-1, dtype=torch.float32).flatten(2),
+                            ssm.mean(dim=-2, dtype=torch.float32).flatten(2)], dim=-1)
         return pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
 
     def forward(self, state: RecurrentState) -> torch.Tensor:

@@ -70,9 +70,13 @@ def test_deliberation_section(quick_run):
     settings, _, data, _ = quick_run
     result = data["sections"]["deliberation"]["result"]
     assert result["tokens_per_session"] == settings.deliberation_tokens
-    alone = result["plan_alone"]
-    assert alone["plans"] == alone["latency"]["count"] > 0 and alone["latency"]["p50_ms"] > 0
-    assert alone["state_steps_per_plan"] > 0 and alone["state_steps_per_s"] > 0
+    alone = result["plans_alone"]
+    assert [a["roots"] for a in alone] == [1, 16]
+    for a in alone:
+        assert a["plans"] == a["latency"]["count"] > 0 and a["latency"]["p50_ms"] > 0
+        assert a["state_steps_per_plan"] > 0 and a["state_steps_per_s"] > 0
+    # one batched plan of 16 sessions does 16 sessions' work (lag and expansions per root)
+    assert alone[1]["state_steps_per_plan"] > 8 * alone[0]["state_steps_per_plan"]
     rows = result["rows"]
     assert [(r["planner_mode"], r["sessions"]) for r in rows] == [(m, n) for m in PLANNER_MODES for n in (1, 16)]
     for r in rows:

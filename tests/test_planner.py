@@ -310,7 +310,7 @@ def test_search_with_the_tiny_backbone(device):
     assert result.target_state.ssm.device == root_states.ssm.device
     assert result.target_state.is_finite().all()
     assert result.layer_values.shape == (2, config.n_layer) and torch.isfinite(result.layer_values).all()
-    assert torch.equal(result.root_actions,
+    assert torch.equal(result.root_actions.cpu(),
                        torch.sort(root_logits.cpu(), dim=1, descending=True, stable=True)[1][:, :4])
     assert all(int(a) in result.root_actions[r].tolist() for r, a in enumerate(result.action))
     assert result.root_visits.sum(dim=1).tolist() == [32, 32]

@@ -80,7 +80,7 @@ async def test_ride_mode_gives_the_plans_of_exact_steps(crsm):
         busy = engine.submit(GenerationRequest((1, 2, 3), 200, SamplingParams(temperature=0.0), ignore_eos=True))
         states = snapshots(crsm.backbone, 2, seed=3)
         config = replace(EXACT, synchronous=False)
-        futures = [ride_runtime.submit(r) for r in requests_for(ride_runtime, config, states)]
+        futures = ride_runtime.submit(requests_for(ride_runtime, config, states))
         ridden = [await asyncio.wrap_future(f) for f in futures]
         expected = stream_runtime.plan_now(requests_for(stream_runtime, EXACT, states))
         for a, b in zip(ridden, expected):

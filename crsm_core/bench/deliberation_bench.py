@@ -20,6 +20,8 @@ import torch
 
 from ..engine import PLANNER_MODES, Engine
 from ..injection import InjectionOutcome
+from ..planner.runtime import PlanRequest
+from ..streams import record_current
 from .engine_bench import GREEDY, engine_config, release_device_memory, requests_for, run_sessions, stream_run, \
     warm_up
 from .results import DeliberationResult, DeliberationRow, PlanAlone
@@ -35,25 +37,34 @@ PLANS_ALONE = 5
 
 
 @torch.no_grad()
-def plan_alone(workload: Workload, model, plans: int = PLANS_ALONE) -> PlanAlone:
-    """Time `plans` plans (after one untimed) run inline, the way a planner thread runs them, from the
-    state after a random prompt: the planner's own speed, before any contention with the generator."""
-    deliberator = model.new_deliberator(dataclasses.replace(model.config, synchronous=True))
-    [prompt] = workload.prompts(1, salt=300)
-    state = workload.backbone.allocate_state(1)
-    logits = workload.backbone.prefill(torch.tensor([prompt], device=workload.backbone.device), state)  # [1, V]
-    sync = torch.cuda.synchronize if state.ssm.is_cuda else (lambda: None)
-    deliberator.plan(state.clone(), len(prompt), logits)
-    sync()
-    before = deliberator.planner_counters.state_steps
-    latencies = []
-    for _ in range(plans):
+def plan_alone(workload: Workload, model, roots: int, plans: int = PLANS_ALONE) -> PlanAlone:
+    """Time `plans` batched plans of `roots` sessions (after one untimed, which also captures the
+    search's graphs), handed to the model's planner worker the way sessions hand theirs: the planner's
+    own speed, before any contention with a generator."""
+    runtime = model.runtime
+    deliberators = [model.new_deliberator(model.config, runtime) for _ in range(roots)]
+    device = workload.backbone.device
+    snapshots = []
+    for prompt in workload.prompts(roots, salt=300):
+        state = workload.backbone.allocate_state(1)
+        logits = workload.backbone.prefill(torch.tensor([prompt], device=device), state)   # [1, V]
+        snapshots.append((state, logits, len(prompt)))
+
+    def plan_all() -> float:
         start = time.perf_counter()
-        deliberator.plan(state.clone(), len(prompt), logits)
-        sync()
-        latencies.append(time.perf_counter() - start)
-    steps = (deliberator.planner_counters.state_steps - before) / plans
-    return PlanAlone(plans=plans, latency=LatencyStats.of(latencies), state_steps_per_plan=steps,
+        requests = [PlanRequest(d, state.clone(), logits.clone(), position)
+                    for d, (state, logits, position) in zip(deliberators, snapshots)]
+        for request in requests:
+            request.ready = record_current(device)
+        for future in runtime.submit(requests):
+            future.result()
+        return time.perf_counter() - start
+
+    plan_all()
+    before = sum(d.planner_counters.state_steps for d in deliberators)
+    latencies = [plan_all() for _ in range(plans)]
+    steps = (sum(d.planner_counters.state_steps for d in deliberators) - before) / plans
+    return PlanAlone(roots=roots, plans=plans, latency=LatencyStats.of(latencies), state_steps_per_plan=steps,
                      state_steps_per_s=steps * plans / sum(latencies))
 
 
@@ -62,9 +73,12 @@ async def _deliberation_section(workload: Workload) -> DeliberationResult:
     model = workload.crsm_model()
     rows: list[DeliberationRow] = []
     try:
-        alone = plan_alone(workload, model)
-        log.info("deliberation: one plan alone takes %.1f ms (p50) for %.0f state-steps: %.0f state-steps/s",
-                 alone.latency.p50_ms, alone.state_steps_per_plan, alone.state_steps_per_s)
+        alone = []
+        for roots in s.deliberation_concurrency:
+            alone.append(plan_alone(workload, model, roots))
+            log.info("deliberation: a plan of %d session(s) alone takes %.1f ms (p50) for %.0f state-steps: "
+                     "%.0f state-steps/s", roots, alone[-1].latency.p50_ms, alone[-1].state_steps_per_plan,
+                     alone[-1].state_steps_per_s)
         for mode in PLANNER_MODES:
             engine = Engine.for_model(model, engine_config(s, planner_mode=mode))
             engine.start()
@@ -91,7 +105,7 @@ async def _deliberation_section(workload: Workload) -> DeliberationResult:
     finally:
         model.close()
     return DeliberationResult(deliberation_config=dataclasses.asdict(model.config),
-                              tokens_per_session=s.deliberation_tokens, plan_alone=alone, rows=rows)
+                              tokens_per_session=s.deliberation_tokens, plans_alone=alone, rows=rows)
 
 
 def _row(mode: str, n: int, off, on, warmup: int, stepped: int) -> DeliberationRow:

@@ -138,11 +138,11 @@ def _deliberation(run: BenchRun) -> list[str]:
                      " / ".join(str(i[k]) for k in ("applied", "applied_late", "pruned", "vetoed", "rejected"))])
     planner = result.deliberation_config["planner"]
     config = result.deliberation_config
-    alone = result.plan_alone
+    alone = "; ".join(f"{a.roots} session(s): {a.latency.p50_ms:.1f} ms p50 over {a.plans} plans, "
+                      f"{a.state_steps_per_plan:.0f} state-steps each, {_rate(a.state_steps_per_s)} state-steps/s"
+                      for a in result.plans_alone)
     return _table(header, rows) + [
-        "", f"One plan run alone (inline, nothing else running): {alone.latency.p50_ms:.1f} ms p50 over "
-            f"{alone.plans} plans, {alone.state_steps_per_plan:.0f} state-steps each, "
-            f"{_rate(alone.state_steps_per_s)} state-steps/s.",
+        "", f"Plans alone (the planner worker, batched over the sessions, nothing else running): {alone}.",
         "", f"{result.tokens_per_session} tokens per session. Planner settings: lag {config['lag']}, fast-forward `{config['fast_forward']}`, children "
             f"`{config['children']}`, {planner['n_simulations']} simulations, top-k {planner['top_k']}, depth "
             f"{planner['max_depth']}; untrained dynamics and value heads. State-steps/s: the done events' "

@@ -75,18 +75,19 @@ class DeliberationRow:
 
 @dataclass(frozen=True)
 class PlanAlone:
-    """One plan run inline with nothing else on the device: its latency and work."""
+    """Batched plans of `roots` sessions run by the planner worker with nothing else on the device."""
+    roots: int
     plans: int
-    latency: LatencyStats       # per plan
-    state_steps_per_plan: float
-    state_steps_per_s: float    # what one planner thread can do when it has the machine to itself
+    latency: LatencyStats       # per batched plan
+    state_steps_per_plan: float # all roots together
+    state_steps_per_s: float    # what the planner worker can do when it has the machine to itself
 
 
 @dataclass(frozen=True)
 class DeliberationResult:
     deliberation_config: dict[str, Any]
     tokens_per_session: int
-    plan_alone: PlanAlone
+    plans_alone: list[PlanAlone]
     rows: list[DeliberationRow]
 
 

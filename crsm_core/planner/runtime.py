@@ -7,13 +7,16 @@ a round of the search costs about the same for 1 or 16 roots (small kernels, a f
 tree ops), and one Python thread, not one per session, competes with the generator for the GIL.
 
 Where the steps run (`PlannerMode`):
-- "stream": the worker's kernels run on a low-priority CUDA stream; state steps (latent dynamics or
-  the exact backbone) are replayed from CUDA graphs over a private row pool.
+- "stream": the worker's kernels run on a low-priority CUDA stream; a search is replayed from CUDA
+  graphs (planner/captured.py: set-up, then one graph per round holding the selections, the state
+  step of every selected leaf and the backups), the fast-forward from a captured stepper.
 - "ride": state steps are handed to the generator, whose batched decode step carries them as extra
-  rows (`RideStep`); the worker keeps only the tree work and the value heads. Every step is then an
-  exact backbone step, whatever the session's fast_forward / children setting.
+  rows (`RideStep`); the worker keeps the tree work and the value heads (captured as the graphs
+  before and after each round's step). Every step is then an exact backbone step, whatever the
+  session's fast_forward / children setting.
 
-Off the GPU both modes are plain eager computation on the CPU, in the same order.
+Off the GPU both modes are plain eager computation on the CPU, in the same order. Synchronous plans
+(`plan_now`) run the eager search on the caller's thread.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ from ..injection import TargetEntry, gates
 from ..state import RecurrentState
 from ..streams import Lane, hand_over, record_current, wait
 from ..value import ValueHeads, spread
-from .search import search
+from .captured import CapturedSearch
+from .search import SearchResult, search
 
 if TYPE_CHECKING:
     from ..deliberation import DeliberationConfig, SessionDeliberator
@@ -56,6 +60,8 @@ def resolve_planner_mode(mode: str, device: torch.device) -> PlannerMode:
     return mode
 # Rows a captured planner stepper steps per replay (more are done in several replays).
 CAPTURED_ROWS = 64
+# Captured searches kept (each holds its node pools: see planner/captured.py for their size).
+CAPTURED_SEARCHES = 2
 
 
 class PlanCancelled(Exception):
@@ -120,7 +126,7 @@ class PlannerRuntime:
 
     def __init__(self, backbone: MambaLM, dynamics: Stepper, value_heads: ValueHeads, *,
                  mode: PlannerMode = "stream", ride: RideStep | None = None, ride_rows: int = 16,
-                 max_roots: int = 64):
+                 max_roots: int = 16):
         if mode not in PLANNER_MODES:
             raise ValueError(f"planner mode must be one of {PLANNER_MODES}, got {mode!r}")
         if (mode == "ride") != (ride is not None):
@@ -142,6 +148,9 @@ class PlannerRuntime:
             self._steppers = {"dynamics": latent, "exact": exact}
         if ride is None:
             self._inline = self._steppers
+        # Children steps inside captured search rounds (stream mode), or between them (ride mode).
+        self._round_steps = {"dynamics": dynamics.step, "exact": backbone.step}
+        self._searches: dict[tuple, CapturedSearch] = {}
         # The generator catches late entries up through a token or two itself, on its own stream: a
         # graph of one row (eager, a step on the GPU is a few hundred kernel launches; and in ride mode
         # it must not wait for its own next step).
@@ -158,21 +167,29 @@ class PlannerRuntime:
 
     # ---- callers ------------------------------------------------------------------------------
 
-    def submit(self, request: PlanRequest) -> concurrent.futures.Future:
-        """Queue a request; its future gets the TargetEntry (or PlanCancelled, or the planner's error)."""
+    def submit(self, requests: list[PlanRequest]) -> list[concurrent.futures.Future]:
+        """Queue requests (together: the worker sees all of them at once); each one's future gets its
+        TargetEntry (or PlanCancelled, or the planner's error)."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("the planner runtime is closed")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="crsm-planner", daemon=True)
                 self._thread.start()
-            self._queue.append(request)
+            self._queue.extend(requests)
             self._cond.notify()
-        return request.future
+        return [request.future for request in requests]
+
+    def prepare(self, config: "DeliberationConfig") -> None:
+        """Capture the search graphs for this config now (on a GPU; a no-op elsewhere), so that the first
+        plans of the sessions that use it do not wait for the capture."""
+        if self.device.type == "cuda":
+            with torch.no_grad(), self.lane.active():
+                self._captured_search(config, self.backbone.allocate_state(1))
 
     def plan_now(self, requests: list[PlanRequest]) -> list[TargetEntry]:
         """Plan inline on the calling thread and stream (the synchronous, deterministic mode)."""
-        return self._plan(requests, self._inline)
+        return self._plan(requests, self._inline, captured=False)
 
     def close(self) -> None:
         """Stop the worker after the batch in hand; queued requests are cancelled."""
@@ -213,7 +230,7 @@ class PlannerRuntime:
                 if not batch:
                     continue
                 try:
-                    entries = self._plan(batch, self._steppers)
+                    entries = self._plan(batch, self._steppers, captured=self.device.type == "cuda")
                 except PlanCancelled as e:
                     for request in batch:
                         request.future.set_exception(e)
@@ -230,7 +247,7 @@ class PlannerRuntime:
 
     # ---- one batched plan ---------------------------------------------------------------------
 
-    def _plan(self, requests: list[PlanRequest], steppers: dict[str, Stepper]) -> list[TargetEntry]:
+    def _plan(self, requests: list[PlanRequest], steppers: dict[str, Stepper], captured: bool) -> list[TargetEntry]:
         """From R snapshots S_t: fast-forward each to p = t + lag (greedy), one search over the R roots,
         then per root: the best action, its target state T_p, gates from its session's settings."""
         for request in requests:
@@ -244,8 +261,7 @@ class PlannerRuntime:
         live_norms = states.layer_norms()                                     # [L, R]
         ahead = fast_forward(_Guarded(steppers[cfg.fast_forward], requests, self), states, steps=cfg.lag,
                              logits=logits)
-        result = search(states, ahead.logits, _Guarded(steppers[cfg.children], requests, self).step, self.value_heads,
-                        cfg.planner)
+        result = self._search(requests, states, ahead.logits, steppers, captured)
         layer_values = result.layer_values.float()                            # [R, L] (CPU)
         actions = result.action.tolist()
         live_norms = live_norms.cpu()
@@ -272,6 +288,29 @@ class PlannerRuntime:
             entry.ready = ready
         self.batches += 1
         return entries
+
+    def _search(self, requests: list[PlanRequest], states: RecurrentState, logits: torch.Tensor,
+                steppers: dict[str, Stepper], captured: bool) -> SearchResult:
+        cfg = requests[0].config
+        guard = _Guarded(steppers[cfg.children], requests, self)
+        if not captured:
+            return search(states, logits, guard.step, self.value_heads, cfg.planner)
+        return self._captured_search(cfg, states).run(states, logits, guard.before_round)
+
+    def _captured_search(self, cfg: "DeliberationConfig", like: RecurrentState) -> CapturedSearch:
+        """The captured search for this planner config and children mode (captured on first use)."""
+        key = (cfg.planner, "ride" if self.mode == "ride" else cfg.children)
+        found = self._searches.pop(key, None)
+        if found is None:
+            while len(self._searches) >= CAPTURED_SEARCHES:   # the least recently used goes
+                self._searches.pop(next(iter(self._searches)))
+            step = None if self.mode == "ride" else self._round_steps[cfg.children]
+            found = CapturedSearch(cfg.planner, like.rows(slice(0, 1)), self.backbone.config.vocab_size,
+                                   self.value_heads.config.n_layer, self.value_heads, step_fn=step,
+                                   ride=self._steppers["exact"] if step is None else None,
+                                   max_roots=self.max_roots)
+        self._searches[key] = found   # most recently used last
+        return found
 
     def _catch_up_late(self, requests: list[PlanRequest], entries: list[TargetEntry], exact: Stepper) -> None:
         """Advance (exact steps, batched over sessions) the targets whose position the generator has
@@ -306,8 +345,12 @@ class _Guarded:
         self.stepper, self.requests, self.runtime = stepper, requests, runtime
 
     def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        self.before_round(tokens.shape[0])
+        return self.stepper.step(tokens, state)
+
+    def before_round(self, rows: int) -> None:
+        """Before `rows` rows are stepped (here or inside a captured search round)."""
         if all(r.deliberator.closed for r in self.requests):
             raise PlanCancelled()
-        self.runtime.rows_stepped += tokens.shape[0]
-        return self.stepper.step(tokens, state)
+        self.runtime.rows_stepped += rows
 

@@ -5,8 +5,11 @@ A node's children are its K candidate actions (the top-K tokens of the logits th
 node's state); a candidate becomes a child node the first time selection picks it. Values are summed
 per head (one value head per layer); a node's score is the consensus of its mean per-head values.
 
-The tree is small and is updated by many tiny operations, so it lives on the CPU whatever device
-the node states are on.
+The tree lives on the device of the node states, and every update is a fixed-shape tensor operation
+over all R roots with a mask saying which roots take part (mctx's batched style): no boolean
+indexing, no data-dependent shapes, no host synchronisation, so a whole round of the search can be
+captured as one CUDA graph. A masked-out root's write goes to an index it already holds, with the
+value it already holds.
 
 Visit counting: a node is evaluated once when it is created; `visit_count` counts the simulations
 that went through it, so `visit_count[n] = evaluations(n) + sum of its children's visit_count`, where
@@ -56,25 +59,48 @@ class Tree:
     num_nodes: torch.Tensor       # [R] long; slots in use
     uncertainty_lambda: float     # the lambda of `score`
 
+    def __post_init__(self) -> None:
+        # [R] long, 0 .. R-1: the root of each row (not a field: it is derived, not tree data)
+        self.rows = torch.arange(self.parent.shape[0], device=self.parent.device)
+
     @classmethod
-    def empty(cls, roots: int, capacity: int, top_k: int, heads: int, uncertainty_lambda: float) -> "Tree":
-        long = dict(dtype=torch.long)
-        real = dict(dtype=torch.float32)
-        return cls(
-            parent=torch.full((roots, capacity), -1, **long),
-            action=torch.full((roots, capacity), -1, **long),
-            prior=torch.zeros(roots, capacity, **real),
-            depth=torch.zeros(roots, capacity, **long),
-            visit_count=torch.zeros(roots, capacity, **long),
-            value_sum=torch.zeros(roots, capacity, heads, **real),
-            children=torch.full((roots, capacity, top_k), -1, **long),
-            child_action=torch.full((roots, capacity, top_k), -1, **long),
-            child_prior=torch.zeros(roots, capacity, top_k, **real),
-            score=torch.zeros(roots, capacity, **real),
-            virtual_visits=torch.zeros(roots, capacity, **real),
-            num_nodes=torch.zeros(roots, **long),
+    def empty(cls, roots: int, capacity: int, top_k: int, heads: int, uncertainty_lambda: float,
+              device: torch.device | str = "cpu") -> "Tree":
+        long = dict(dtype=torch.long, device=device)
+        real = dict(dtype=torch.float32, device=device)
+        tree = cls(
+            parent=torch.empty(roots, capacity, **long),
+            action=torch.empty(roots, capacity, **long),
+            prior=torch.empty(roots, capacity, **real),
+            depth=torch.empty(roots, capacity, **long),
+            visit_count=torch.empty(roots, capacity, **long),
+            value_sum=torch.empty(roots, capacity, heads, **real),
+            children=torch.empty(roots, capacity, top_k, **long),
+            child_action=torch.empty(roots, capacity, top_k, **long),
+            child_prior=torch.empty(roots, capacity, top_k, **real),
+            score=torch.empty(roots, capacity, **real),
+            virtual_visits=torch.empty(roots, capacity, **real),
+            num_nodes=torch.empty(roots, **long),
             uncertainty_lambda=uncertainty_lambda,
         )
+        tree.reset_()
+        return tree
+
+    def reset_(self) -> None:
+        """Back to R empty trees (no node in use), in place: the buffers keep their addresses."""
+        for t in (self.parent, self.action, self.children, self.child_action):
+            t.fill_(-1)
+        for t in (self.prior, self.depth, self.visit_count, self.value_sum, self.child_prior, self.score,
+                  self.virtual_visits, self.num_nodes):
+            t.zero_()
+
+    def first(self, roots: int) -> "Tree":
+        """A view of the trees of roots [0:roots] (their writes go here)."""
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[:roots]
+        return Tree(cut(self.parent), cut(self.action), cut(self.prior), cut(self.depth), cut(self.visit_count),
+                    cut(self.value_sum), cut(self.children), cut(self.child_action), cut(self.child_prior),
+                    cut(self.score), cut(self.virtual_visits), cut(self.num_nodes), self.uncertainty_lambda)
 
     @property
     def roots(self) -> int:
@@ -93,23 +119,35 @@ class Tree:
         visits = self.visit_count[root, node].clamp(min=1).to(torch.float32)
         return self.value_sum[root, node] / visits.unsqueeze(-1)
 
-    def set_candidates(self, root: torch.Tensor, node: torch.Tensor, actions: torch.Tensor,
-                       priors: torch.Tensor) -> None:
-        """root, node: [B] long; actions, priors: [B, K] from `top_k_candidates` of those nodes' logits."""
-        self.child_action[root, node] = actions.cpu()
-        self.child_prior[root, node] = priors.cpu()
+    def set_candidates(self, node: torch.Tensor, actions: torch.Tensor, priors: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> None:
+        """node: [R] long, one node per root; actions, priors: [R, K] from `top_k_candidates` of those
+        nodes' logits; mask: [R] bool, the roots whose node takes them (None: all)."""
+        if mask is not None:
+            keep = mask.unsqueeze(1)
+            actions = torch.where(keep, actions, self.child_action[self.rows, node])
+            priors = torch.where(keep, priors, self.child_prior[self.rows, node])
+        self.child_action[self.rows, node] = actions
+        self.child_prior[self.rows, node] = priors
 
-    def add_children(self, root: torch.Tensor, node: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Create the child of `node` at candidate `slot`, one per listed root (roots distinct).
+    def add_children(self, node: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Create, for each root where `mask` holds, the child of `node` at candidate `slot`.
 
-        root, node, slot: [B] long -> new node indices [B]. The child is not evaluated yet."""
-        new = self.num_nodes[root]   # capacity 1 + n_simulations: a simulation creates at most one node
-        self.num_nodes[root] = new + 1
-        self.parent[root, new] = node
-        self.action[root, new] = self.child_action[root, node, slot]
-        self.prior[root, new] = self.child_prior[root, node, slot]
-        self.depth[root, new] = self.depth[root, node] + 1
-        self.children[root, node, slot] = new
+        node, slot: [R] long; mask: [R] bool -> the new nodes' indices [R] (meaningful where mask).
+        The child is not evaluated yet. A root's slots suffice (capacity 1 + n_simulations, and a
+        simulation creates at most one node), so a masked root's index is always free."""
+        rows = self.rows
+        new = self.num_nodes.clamp(max=self.capacity - 1)
+
+        def put(t: torch.Tensor, index: tuple, value: torch.Tensor) -> None:
+            t[index] = torch.where(mask, value, t[index])
+
+        put(self.parent, (rows, new), node)
+        put(self.action, (rows, new), self.child_action[rows, node, slot])
+        put(self.prior, (rows, new), self.child_prior[rows, node, slot])
+        put(self.depth, (rows, new), self.depth[rows, node] + 1)
+        put(self.children, (rows, node, slot), new)
+        self.num_nodes += mask.long()
         return new
 
     def backup(self, path: torch.Tensor, values: torch.Tensor) -> None:
@@ -117,27 +155,24 @@ class Tree:
         refresh those nodes' scores.
 
         path: [R, D + 1] long, node per depth from the root, -1 past the leaf (a row of -1 backs up
-        nothing); values: [R, H]. A path holds distinct nodes of distinct roots, so the scattered
-        indices never repeat and the sums do not depend on an accumulation order."""
-        on_path = path >= 0
-        flat = self._flat(path)[on_path]
-        if flat.numel() == 0:
-            return
-        visits = self.visit_count.view(-1)
-        value_sum = self.value_sum.view(-1, self.value_sum.shape[-1])
-        visits.index_put_((flat,), torch.ones_like(flat), accumulate=True)
-        added = values.to(torch.float32).unsqueeze(1).expand(-1, path.shape[1], -1)[on_path]
-        value_sum.index_put_((flat,), added, accumulate=True)
-        means = value_sum[flat] / visits[flat].unsqueeze(1).to(torch.float32)
+        nothing); values: [R, H]. Entries past the leaf add exactly 0 to the root's slot, so every
+        shape is fixed; the real entries of a path are distinct nodes, so the sums do not depend on an
+        accumulation order."""
+        on_path = path >= 0                                               # [R, D + 1]
+        flat = self._flat(path).flatten()                                 # [R * (D + 1)]
+        heads = self.value_sum.shape[-1]
+        self.visit_count.view(-1).scatter_add_(0, flat, on_path.long().flatten())
+        added = values.to(torch.float32).unsqueeze(1) * on_path.unsqueeze(2)   # [R, D + 1, H]
+        value_sum = self.value_sum.view(-1, heads)
+        value_sum.scatter_add_(0, flat.unsqueeze(1).expand(-1, heads), added.view(-1, heads))
+        means = value_sum[flat] / self.visit_count.view(-1)[flat].clamp(min=1).unsqueeze(1).to(torch.float32)
         self.score.view(-1)[flat] = consensus_score(means, self.uncertainty_lambda)
 
     def add_virtual_visits(self, path: torch.Tensor, amount: float) -> None:
         """path: [R, D + 1] as in `backup`; pending selections discourage the same path this round."""
-        flat = self._flat(path)[path >= 0]
-        self.virtual_visits.view(-1).index_put_(
-            (flat,), torch.full_like(flat, amount, dtype=torch.float32), accumulate=True)
+        added = (path >= 0).to(torch.float32).flatten() * amount
+        self.virtual_visits.view(-1).scatter_add_(0, self._flat(path).flatten(), added)
 
     def _flat(self, path: torch.Tensor) -> torch.Tensor:
         """path: [R, D + 1] node indices -> indices into the flattened [R * N] node tensors."""
-        rows = torch.arange(self.roots).unsqueeze(1)
-        return rows * self.capacity + path.clamp(min=0)
+        return self.rows.unsqueeze(1) * self.capacity + path.clamp(min=0)
