@@ -50,8 +50,8 @@ PLANNER_MODES: tuple[str, ...] = ("stream", "ride")
 
 
 def resolve_planner_mode(mode: str, device: torch.device) -> PlannerMode:
-    """"auto": "ride" on a GPU, where it cost the generator least (docs/benchmarks.md: ITL p50 1.04x
-    against 1.28x at 16 sessions on an H200), "stream" elsewhere (on the CPU a planner thread uses a
+    """"auto": "ride" on a GPU, where it cost the generator least (docs/benchmarks.md: ITL p99 3.01x
+    against 4.72x at 16 sessions on an H200), "stream" elsewhere (on the CPU a planner thread uses a
     second core, while riding rows would lengthen every decode step)."""
     if mode == "auto":
         return "ride" if device.type == "cuda" else "stream"
