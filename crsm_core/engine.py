@@ -42,7 +42,7 @@ import torch
 from .backbone import MambaLM
 from .backbone.graphs import CapturedDecoder, CapturedPrefill
 from .deliberation import DeliberationConfig
-from .planner.runtime import PLANNER_MODES, PlannerRuntime, resolve_planner_mode
+from .planner.runtime import PLANNER_MODES, PlanCancelled, PlannerRuntime, resolve_planner_mode
 from .sampling import SamplingParams, SamplingTable
 from .state import RecurrentState
 from .stopping import StopMatcher
@@ -462,13 +462,15 @@ class Engine:
     def ride(self, tokens: torch.Tensor, state: RecurrentState) -> concurrent.futures.Future:
         """Step planner rows inside the generator's next decode steps. tokens: [K] (K <= ride_rows);
         state: K rows, on the caller's stream, advanced in place. The future gets (logits [K, V], an
-        event after which the rows and logits may be read on the caller's stream)."""
+        event after which the rows and logits may be read on the caller's stream), or PlanCancelled
+        once the engine has stopped."""
         if tokens.shape[0] > self.config.ride_rows:
             raise ValueError(f"a ride takes at most {self.config.ride_rows} rows, got {tokens.shape[0]}")
         request = _Ride(tokens, state, record_current(self.device))
         with self._cond:
             if self._stopping:
-                request.future.set_exception(EngineClosed("the engine has stopped"))
+                # the planner's own cancellation: a plan whose rows can no longer ride is cancelled, not failed
+                request.future.set_exception(PlanCancelled("the engine has stopped"))
             else:
                 self._rides.append(request)
                 self._cond.notify()
@@ -513,7 +515,7 @@ class Engine:
                 rides = list(self._rides)
                 self._rides.clear()
             for ride in rides:
-                ride.future.set_exception(EngineClosed("the engine has stopped"))
+                ride.future.set_exception(PlanCancelled("the engine has stopped"))
             for session in leftovers + list(self._prefilling) + list(self._running):
                 self._end(session, error=ErrorEvent("the server is shutting down", "shutdown"))
         log.info("generator stopped")

@@ -14,7 +14,7 @@ from crsm_core.deliberation import DeliberationConfig, SessionDeliberator
 from crsm_core.engine import Engine, EngineConfig, GenerationRequest
 from crsm_core.model import CRSMModel
 from crsm_core.planner import PlannerConfig
-from crsm_core.planner.runtime import PlanRequest
+from crsm_core.planner.runtime import PlanCancelled, PlanRequest
 from crsm_core.sampling import SamplingParams
 from crsm_core.tokenizer import ByteTokenizer
 
@@ -181,3 +181,13 @@ async def test_an_inline_plan_is_not_stopped_by_the_workers_closed_batch(crsm):
     assert entry.generation_id == 2 and entry.target_position == 11
     release.set()
     runtime.close()
+
+
+async def test_rides_after_the_engine_stopped_are_cancelled_plans(crsm):
+    """A planner whose rows can no longer ride sees its plan cancelled (counted), not failed."""
+    engine = Engine(crsm.backbone, crsm.tokenizer, EngineConfig(max_sessions=2, planner_mode="ride", ride_rows=4))
+    engine.start()
+    await engine.shutdown()
+    state = crsm.backbone.allocate_state(1)
+    future = engine.ride(torch.zeros(1, dtype=torch.long), state)
+    assert isinstance(future.exception(timeout=5), PlanCancelled)
