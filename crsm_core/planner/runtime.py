@@ -262,7 +262,9 @@ class PlannerRuntime:
         ahead = fast_forward(_Guarded(steppers[cfg.fast_forward], requests, self), states, steps=cfg.lag,
                              logits=logits)
         result = self._search(requests, states, ahead.logits, steppers, captured)
-        layer_values = result.layer_values.float()                            # [R, L] (CPU)
+        # [R, L] on the CPU: the gates made from them must be there (RecurrentState.blend_ reads them on
+        # the host, which for a GPU tensor would stall the generator)
+        layer_values = result.layer_values.float().cpu()
         actions = result.action.tolist()
         live_norms = live_norms.cpu()
         stats = {k: float(v) for k, v in asdict(result.stats).items()}
