@@ -21,8 +21,10 @@ selection that did not (a depth-capped leaf, a collision, a root already done) s
 into a scratch row that nothing reads. That wastes those rows' compute and buys a round whose
 kernels and shapes never depend on the tree: `SearchBuffers` holds everything at fixed addresses, so
 the round (and the set-up before and the read-out after it) can be captured once as CUDA graphs and
-replayed (planner/captured.py), with no host synchronisation until the search is done. `search`
-below runs the same functions eagerly.
+replayed (planner/captured.py), with no host synchronisation until the search is done; on a GPU the
+selections and backups are fused Triton programs (planner/kernels.py). `search` below runs the same
+functions eagerly; on the CPU, where looking at a mask costs nothing, it skips what a mask would discard
+(levels no selection reaches, rows that made no node).
 """
 from __future__ import annotations
 
