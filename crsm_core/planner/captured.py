@@ -35,7 +35,7 @@ from ..backbone.graphs import _warm_up, default_buckets
 from ..dynamics import Stepper
 from ..state import RecurrentState
 from .search import (PlannerConfig, SearchBuffers, SearchOutputs, SearchResult, StepFn, ValueFn, begin,
-                     finish_round, read_out, result_of, run_rounds, select_round, step_round)
+                     eager_round, finish_round, read_out, result_of, run_rounds, select_round)
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +76,16 @@ class CapturedSearch:
     def max_roots(self) -> int:
         return self.buckets[-1]
 
-    def _round_eager(self, b: SearchBuffers) -> None:
-        select_round(b)
-        logits = self.step_fn(b.step_tokens, b.step_states) if self.step_fn is not None else b.step_logits
-        finish_round(b, logits, self.value_fn)
-        b.rows_stepped += b.step_rows
-
     def _capture(self, program: _Program, mempool) -> None:
         b = program.buffers
 
         def whole() -> None:
             begin(b, self.value_fn)
-            self._round_eager(b)
+            if self.step_fn is not None:
+                eager_round(b, self.step_fn, self.value_fn)
+            else:   # ride mode: the step is not in any graph, so warming up needs none
+                select_round(b)
+                finish_round(b, b.step_logits, self.value_fn)
             read_out(b)
 
         _warm_up(whole, steps=1)   # Triton kernels compile and autotune outside the capture
@@ -101,7 +99,7 @@ class CapturedSearch:
 
         program.begin, _ = capture(lambda: begin(b, self.value_fn))
         if self.step_fn is not None:
-            program.round, _ = capture(lambda: self._round_eager(b))
+            program.round, _ = capture(lambda: eager_round(b, self.step_fn, self.value_fn))
         else:
             program.select, _ = capture(lambda: select_round(b))
             program.finish, _ = capture(lambda: finish_round(b, b.step_logits, self.value_fn))
@@ -135,8 +133,7 @@ class CapturedSearch:
             if on_round is not None:
                 on_round(b.step_rows)
             if not self.graphed:   # the eager search, stepping through whichever stepper
-                select_round(b)
-                finish_round(b, step_round(b, self.step_fn or self.ride.step), self.value_fn)
+                eager_round(b, self.step_fn or self.ride.step, self.value_fn)
                 return
             if program.round is not None:
                 program.round.replay()

@@ -243,6 +243,12 @@ def step_round(buffers: SearchBuffers, step_fn: StepFn) -> torch.Tensor:
     return b.step_logits
 
 
+def eager_round(buffers: SearchBuffers, step_fn: StepFn, value_fn: ValueFn) -> None:
+    """One whole round, its step by `step_fn` (what a captured round graph holds)."""
+    select_round(buffers)
+    finish_round(buffers, step_round(buffers, step_fn), value_fn)
+
+
 def _checked(logits: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
     if logits.shape != (rows, vocab):
         raise ValueError(f"step_fn must return [{rows}, {vocab}] logits, got {tuple(logits.shape)}")
@@ -340,11 +346,7 @@ def search(root_states: RecurrentState, root_logits: torch.Tensor, step_fn: Step
     buffers.root_logits.copy_(root_logits)
     begin(buffers, value_fn, root_values.to(torch.float32))
 
-    def one_round() -> None:
-        select_round(buffers)
-        finish_round(buffers, step_round(buffers, step_fn), value_fn)
-
-    run_rounds(buffers, one_round)
+    run_rounds(buffers, lambda: eager_round(buffers, step_fn, value_fn))
     return result_of(read_out(buffers), buffers, started)
 
 

@@ -94,14 +94,6 @@ class Tree:
                   self.virtual_visits, self.num_nodes):
             t.zero_()
 
-    def first(self, roots: int) -> "Tree":
-        """A view of the trees of roots [0:roots] (their writes go here)."""
-        def cut(t: torch.Tensor) -> torch.Tensor:
-            return t[:roots]
-        return Tree(cut(self.parent), cut(self.action), cut(self.prior), cut(self.depth), cut(self.visit_count),
-                    cut(self.value_sum), cut(self.children), cut(self.child_action), cut(self.child_prior),
-                    cut(self.score), cut(self.virtual_visits), cut(self.num_nodes), self.uncertainty_lambda)
-
     @property
     def roots(self) -> int:
         return self.parent.shape[0]
