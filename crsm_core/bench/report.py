@@ -53,6 +53,12 @@ def _not_ok(outcome: SectionOutcome | None, width: int) -> list[str] | None:
     return None
 
 
+def _missing_table(outcome: SectionOutcome | None, header: list[str]) -> list[str] | None:
+    """A one-row table saying why a section has no results (None when it has them)."""
+    missing = _not_ok(outcome, len(header))
+    return None if missing is None else _table(header, [missing])
+
+
 def _meta_lines(run: BenchRun) -> list[str]:
     m, s = run.meta, run.settings
     v = m["versions"]
@@ -87,9 +93,8 @@ def _targets(run: BenchRun) -> list[str]:
 def _engine(run: BenchRun) -> list[str]:
     header = ["sessions", "sampling", "ITL p50 (ms)", "ITL p99 (ms)", "tokens/s", "tokens"]
     outcome = run.sections.get("engine")
-    missing = _not_ok(outcome, len(header))
-    if missing is not None:
-        return _table(header, [missing])
+    if (missing := _missing_table(outcome, header)) is not None:
+        return missing
     result: EngineResult = outcome.result
     return _table(header, ([str(r.streams), r.label, _ms(r.itl.p50_ms), _ms(r.itl.p99_ms), _rate(r.tokens_per_s),
                             f"{r.streams} x {r.tokens_per_stream}"] for r in result.runs))
@@ -124,9 +129,8 @@ def _deliberation(run: BenchRun) -> list[str]:
     header = ["planner mode", "sessions", "ITL p50 off / on (ms)", "p50 ratio", "ITL p99 off / on (ms)", "p99 ratio",
               "state-steps/s", "rows stepped/s", "plans launched / finished", "injections: applied / late / pruned / vetoed / rejected"]
     outcome = run.sections.get("deliberation")
-    missing = _not_ok(outcome, len(header))
-    if missing is not None:
-        return _table(header, [missing])
+    if (missing := _missing_table(outcome, header)) is not None:
+        return missing
     result: DeliberationResult = outcome.result
     rows = []
     for r in result.rows:
@@ -155,9 +159,8 @@ def _deliberation(run: BenchRun) -> list[str]:
 def _http(run: BenchRun) -> list[str]:
     header = ["clients", "first token p50 (ms)", "first token p99 (ms)", "ITL p50 (ms)", "ITL p99 (ms)", "tokens/s"]
     outcome = run.sections.get("http")
-    missing = _not_ok(outcome, len(header))
-    if missing is not None:
-        return _table(header, [missing])
+    if (missing := _missing_table(outcome, header)) is not None:
+        return missing
     result: HttpResult = outcome.result
     lines = _table(header, ([str(r.streams), _ms(r.ttft.p50_ms), _ms(r.ttft.p99_ms), _ms(r.itl.p50_ms),
                              _ms(r.itl.p99_ms), _rate(r.tokens_per_s)] for r in result.runs))
