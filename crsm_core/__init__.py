@@ -1,5 +1,6 @@
-"""CRSM core: Mamba-2 backbone, recurrent state, and the deliberation machinery (no HTTP)."""
-from .config import ConfigError, MambaConfig, SSMConfig
-from .state import RecurrentState
+"""CRSM core: Mamba-2 backbone, recurrent state, and the deliberation machinery (no HTTP).
 
-__all__ = ["ConfigError", "MambaConfig", "SSMConfig", "RecurrentState"]
+Importing the package loads no torch (the command line starts from here); the modules load what they need."""
+from .config import ConfigError, MambaConfig, SSMConfig
+
+__all__ = ["ConfigError", "MambaConfig", "SSMConfig"]

@@ -1,4 +1,6 @@
-"""`crsm`: the command line. Each subcommand lives next to what it drives; this file only wires them."""
+"""`crsm info`, `crsm generate`, `crsm init`: the core's own subcommands (crsm/cli.py wires every command).
+
+Registering them imports nothing heavy; each command imports what it drives when it runs."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +9,12 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+from .config import DEFAULT_MODEL_DIR
 
 
 def _info(args: argparse.Namespace) -> int:
+    import torch
+
     from .checkpoint import load_pretrained
     from .state import RecurrentState
 
@@ -74,6 +76,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     """A randomly initialised model directory (for trying the server before training one)."""
+    import torch
+
     from .backbone import MambaLM
     from .checkpoint import save_pretrained
     from .config import tiny_config
@@ -86,19 +90,15 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crsm", description="CRSM server: Mamba-2 inference with a latent planner")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="print a model's config, parameter count and state size per session")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("info", help="print a model's config, parameter count and state size per session")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
+    p = subparsers.add_parser("generate", help="stream a completion of PROMPT to stdout")
     p.add_argument("prompt")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=0)
@@ -108,26 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lag", type=int, default=3, help="deliberation lag in tokens")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("init", help="write a randomly initialised tiny model directory")
+    p = subparsers.add_parser("init", help="write a randomly initialised tiny model directory")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_init)
-
-    from server.cli import register as register_serve
-    register_serve(sub)
-    from .training.cli import register as register_training
-    register_training(sub)
-    from .bench.cli import register as register_bench
-    register_bench(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The model directory the commands use when none is given: the repository's models/default.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model."""

@@ -42,7 +42,8 @@ import torch
 from .backbone import MambaLM
 from .backbone.graphs import CapturedDecoder, CapturedPrefill
 from .deliberation import DeliberationConfig
-from .planner.runtime import PLANNER_MODES, PlanCancelled, PlannerRuntime, resolve_planner_mode
+from .engine_config import EngineConfig
+from .planner.runtime import PlanCancelled, PlannerRuntime, resolve_planner_mode
 from .sampling import SamplingParams, SamplingTable
 from .state import RecurrentState
 from .stopping import StopMatcher
@@ -75,31 +76,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_sessions: int = 64          # slot pool rows = sessions decoded together
-    queue_size: int = 256           # sessions allowed to wait for a slot
-    prefill_chunk: int = 256        # prompt tokens prefilled per iteration
-    max_prompt_tokens: int = 4096
-    max_new_tokens: int = 1024
-    retry_after_s: int = 1
-    # Where planner work runs (planner/runtime.py): "stream" = its own thread and, on a GPU, its own
-    # lower-priority CUDA stream and graphs; "ride" = planner rows ride inside the generator's own batched
-    # decode step; "auto" = ride on a GPU, stream elsewhere (resolve_planner_mode says why).
-    planner_mode: str = "auto"
-    ride_rows: int = 16             # "ride": planner rows added to a decode step at most
-
-    def __post_init__(self) -> None:
-        if self.planner_mode not in ("auto", *PLANNER_MODES):
-            raise ValueError(f"planner_mode must be 'auto' or one of {PLANNER_MODES}, got {self.planner_mode!r}")
-        for name in ("max_sessions", "prefill_chunk", "max_prompt_tokens", "max_new_tokens", "retry_after_s",
-                     "ride_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.queue_size < 0:
-            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
 
 
 @dataclass(frozen=True)

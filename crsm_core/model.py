@@ -23,8 +23,9 @@ from .backbone import MambaLM
 from .checkpoint import has_component, load_pretrained, save_pretrained
 from .deliberation import DeliberationConfig, SessionDeliberator, load_deliberation_config
 from .dynamics import COMPONENT_NAME as DYNAMICS, DynamicsConfig, LatentDynamics, Stepper
+from .engine_config import PlannerMode
 from .injection import InjectionEvent
-from .planner.runtime import PlannerMode, PlannerRuntime, RideStep
+from .planner.runtime import PlannerRuntime, RideStep
 from .sampling import SamplingParams, SamplingTable
 from .tokenizer import Tokenizer, load_tokenizer
 from .value import COMPONENT_NAME as VALUE_HEADS, ValueHeads, ValueHeadsConfig

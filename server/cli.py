@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import logging
 import signal
-from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -73,17 +72,11 @@ def build_server(settings: ServerSettings, log_level: str = "info", loader: Load
     return GracefulServer(config, app.state.runtime)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace) -> int:
+    """`crsm serve` (its flags: ServerSettings.add_cli_args): settings from the flags and the environment,
+    validated before anything is loaded."""
     try:
-        settings = ServerSettings.from_env(
-            model_dir=args.model, model_name=args.model_name, device=args.device, host=args.host, port=args.port,
-            max_sessions=args.max_sessions,
-            max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-            queue_size=args.queue_size, prefill_chunk=args.prefill_chunk, shutdown_drain_s=args.shutdown_drain_s,
-            torch_threads=args.torch_threads, planner_mode=args.planner_mode, ride_rows=args.ride_rows,
-            deliberation_enabled=args.deliberation, deliberation_lag=args.deliberation_lag,
-            deliberation_simulations=args.deliberation_simulations,
-            deliberation_injection_rate=args.injection_rate, deliberation_use_suggestions=args.use_suggestions)
+        settings = ServerSettings.from_cli_args(args)
     except SettingsError as e:
         log.error("%s", e)
         return 2
@@ -94,31 +87,3 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     build_server(settings, args.log_level).run()
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `serve`. Flags left out fall back to CRSM_<NAME> environment variables, then the defaults."""
-    p = subparsers.add_parser("serve", help="run the HTTP server (OpenAI-compatible and native SSE API)")
-    p.add_argument("--model", type=Path, help="model directory (default: models/default in the repository)")
-    p.add_argument("--model-name", help="the model id clients use (default: the directory's name)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--max-sessions", type=int, help="sessions decoded together (slot pool rows)")
-    p.add_argument("--max-prompt-tokens", type=int)
-    p.add_argument("--max-new-tokens", type=int, help="the largest max_tokens a request may ask for")
-    p.add_argument("--queue-size", type=int, help="requests allowed to wait for a slot before 429")
-    p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled between two decode steps")
-    p.add_argument("--shutdown-drain-s", type=float, help="seconds running sessions get to finish on shutdown")
-    p.add_argument("--torch-threads", type=int, help="CPU threads for model work (default: torch's)")
-    p.add_argument("--planner-mode", choices=("auto", "stream", "ride"),
-                   help="planner work on its own (low-priority) stream, or riding in the decode step; "
-                        "auto (default): ride on a GPU, stream on the CPU")
-    p.add_argument("--ride-rows", type=int, help="ride mode: planner rows per decode step at most")
-    p.add_argument("--deliberation", action=argparse.BooleanOptionalAction, default=None,
-                   help="deliberation on by default for requests that do not say")
-    p.add_argument("--deliberation-lag", type=int)
-    p.add_argument("--deliberation-simulations", type=int)
-    p.add_argument("--injection-rate", type=float)
-    p.add_argument("--use-suggestions", action=argparse.BooleanOptionalAction, default=None)
-    p.set_defaults(func=_serve)

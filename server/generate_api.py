@@ -56,9 +56,7 @@ async def generate(body: GenerateRequest, request: Request):
     runtime = runtime_of(request)
     _, tokenizer = runtime.require_engine()
     ids = body.token_ids if body.token_ids is not None else tokenizer.encode(body.prompt)
-    gen = runtime.generation_request(ids, max_tokens=body.max_tokens, temperature=body.temperature,
-                                     top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
-                                     ignore_eos=body.ignore_eos, deliberation=body.deliberation)
+    gen = body.to_generation_request(ids, runtime.defaults)
     param_names = {"prompt": "token_ids"} if body.token_ids is not None else {"token_ids": "prompt"}
     [session] = runtime.submit([gen], param_names)
     if body.stream:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 
 from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, Session, TokenEvent
 
-from .chat_template import CHAT_STOPS, render_chat
+from .chat_template import render_chat
 from .generate_api import error_payload, failure
 from .runtime import Runtime, runtime_of
 from .schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -36,13 +36,9 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=runtime.model_name, created=runtime.created)])
 
 
-def _submit(runtime: Runtime, body: _OpenAIRequest, prompts: list[list[int]], max_tokens: int | None,
-            extra_stops: tuple[str, ...] = ()) -> list[Session]:
-    requests = [runtime.generation_request(
-        ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        # seed + j kept to 64 bits (the same bits as a seed, so -1 and 2**64 - 1 are one seed)
-        seed=None if body.seed is None else (body.seed + j) % 2**64, stop=list(body.stop) + list(extra_stops),
-        ignore_eos=body.ignore_eos) for ids in prompts for j in range(body.n)]
+def _submit(runtime: Runtime, body: _OpenAIRequest, prompts: list[list[int]]) -> list[Session]:
+    defaults = runtime.defaults
+    requests = [body.to_generation_request(ids, defaults, choice=j) for ids in prompts for j in range(body.n)]
     return runtime.submit(requests, PARAM_NAMES)
 
 
@@ -116,7 +112,7 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         prompts = [list(p) for p in raw]
     echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
-    sessions = _submit(runtime, body, prompts, body.max_tokens)
+    sessions = _submit(runtime, body, prompts)
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
 
     if body.stream:
@@ -146,8 +142,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     runtime.check_model(body.model)
     _, tokenizer = runtime.require_engine()
     prompts = [tokenizer.encode(render_chat([(m.role, m.text()) for m in body.messages]))]
-    max_tokens = body.max_completion_tokens or body.max_tokens or runtime.settings.max_new_tokens
-    sessions = _submit(runtime, body, prompts, max_tokens, CHAT_STOPS)
+    sessions = _submit(runtime, body, prompts)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
 
     if body.stream:

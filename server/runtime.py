@@ -1,26 +1,22 @@
-"""What the routes share: settings, metrics, and (once loaded in a thread) the model, its tokenizer and
-the engine; plus turning an API request into an engine request (sampling, deliberation defaults)."""
+"""What the routes share: settings, metrics, and (once loaded in a thread) the model, its tokenizer, the
+engine and the defaults of the fields a request leaves out."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import replace
 from typing import Callable
 
 import torch
 from fastapi import Request
 
-from crsm_core.deliberation import DeliberationConfig
-from crsm_core.engine import Engine, EngineClosed, EngineConfig, GenerationRequest, QueueFull, RequestError, Session
+from crsm_core.engine import Engine, EngineClosed, GenerationRequest, QueueFull, RequestError, Session
 from crsm_core.model import CRSMModel
-from crsm_core.sampling import SamplingParams
 from crsm_core.tokenizer import Tokenizer
 
 from .errors import APIError, from_engine, not_ready
 from .metrics import ServerMetrics
-from .schemas import DeliberationRequest
-from .settings import ServerSettings
+from .settings import RequestDefaults, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +24,9 @@ Loader = Callable[[ServerSettings], CRSMModel]
 
 
 def load_model(settings: ServerSettings) -> CRSMModel:
-    return CRSMModel.from_pretrained(settings.model_dir, device=settings.torch_device())
+    """device "auto": cuda when available, else cpu."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+    return CRSMModel.from_pretrained(settings.model_dir, device=torch.device(device))
 
 
 class Runtime:
@@ -41,6 +39,7 @@ class Runtime:
         self.engine: Engine | None = None
         self.model: CRSMModel | None = None
         self.tokenizer: Tokenizer | None = None
+        self._defaults: RequestDefaults | None = None
         self.load_error: str | None = None
         self._loader = loader
         self._load_task: asyncio.Task | None = None
@@ -70,10 +69,8 @@ class Runtime:
         self.model = self._loader(s)
         if self.model.tokenizer is None:
             raise ValueError(f"{s.model_dir} has no tokenizer")
-        config = EngineConfig(max_sessions=s.max_sessions, queue_size=s.queue_size, prefill_chunk=s.prefill_chunk,
-                              max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
-                              retry_after_s=s.retry_after_s, planner_mode=s.planner_mode, ride_rows=s.ride_rows)
-        return Engine.for_model(self.model, config, listener=self.metrics)
+        self._defaults = RequestDefaults.of(s, self.model.config)
+        return Engine.for_model(self.model, s.engine, listener=self.metrics)
 
     def start_loading(self) -> None:
         self._load_task = asyncio.create_task(self.load())
@@ -95,44 +92,23 @@ class Runtime:
 
     def require_engine(self) -> tuple[Engine, Tokenizer]:
         if self.engine is None or self.tokenizer is None:
+            retry_after_s = self.settings.engine.retry_after_s
             if self.load_error is not None:
-                raise not_ready(f"the model failed to load: {self.load_error}", "model_load_failed",
-                                self.settings.retry_after_s)
-            raise not_ready("the model is loading", "model_loading", self.settings.retry_after_s)
+                raise not_ready(f"the model failed to load: {self.load_error}", "model_load_failed", retry_after_s)
+            raise not_ready("the model is loading", "model_loading", retry_after_s)
         return self.engine, self.tokenizer
+
+    @property
+    def defaults(self) -> RequestDefaults:
+        """What the fields a request leaves out take (503 until the model is loaded)."""
+        self.require_engine()
+        assert self._defaults is not None  # set with the engine
+        return self._defaults
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(400, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
-
-    def generation_request(self, prompt_ids: list[int], *, max_tokens: int | None, temperature: float,
-                           top_p: float, top_k: int, seed: int | None, stop: list[str], ignore_eos: bool,
-                           deliberation: DeliberationRequest | None = None) -> GenerationRequest:
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        return GenerationRequest(tuple(prompt_ids), max_tokens or self.settings.default_max_tokens, sampling,
-                                 tuple(stop), ignore_eos, self.deliberation_config(deliberation))
-
-    def deliberation_config(self, asked: DeliberationRequest | None) -> DeliberationConfig | None:
-        """The request's fields, else the server's defaults, else the model's; None when it is off."""
-        s, asked = self.settings, asked or DeliberationRequest()
-
-        def pick(value, default):
-            return default if value is None else value
-
-        if not pick(asked.enabled, s.deliberation_enabled):
-            return None
-        base = self.model.config
-        try:
-            return replace(
-                base, enabled=True, lag=pick(asked.lag, pick(s.deliberation_lag, base.lag)),
-                injection_rate=pick(asked.injection_rate, pick(s.deliberation_injection_rate, base.injection_rate)),
-                use_suggestions=pick(asked.use_suggestions, pick(s.deliberation_use_suggestions, base.use_suggestions)),
-                planner=replace(base.planner, n_simulations=pick(asked.simulations,
-                                                                 pick(s.deliberation_simulations,
-                                                                      base.planner.n_simulations))))
-        except ValueError as e:
-            raise APIError(400, str(e), param="deliberation", code="invalid_value") from e
 
     def submit(self, requests: list[GenerationRequest], param_names: dict[str, str] | None = None) -> list[Session]:
         engine, _ = self.require_engine()

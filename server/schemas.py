@@ -3,12 +3,22 @@
 The OpenAI-shaped requests ignore unknown fields (as OpenAI does); features we do not implement are
 refused when asked for rather than silently dropped. The native `/v1/generate` request forbids unknown
 fields so a typo is an error, not a default.
+
+`to_generation_request` on each request model is the one conversion of a request into the engine's
+parameters: the fields a request leaves out take `RequestDefaults` (the server's settings over the model's).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from crsm_core.deliberation import DeliberationConfig
+from crsm_core.engine import GenerationRequest
+from crsm_core.sampling import SamplingParams
+
+from .chat_template import CHAT_STOPS
+from .settings import DeliberationKnobs, RequestDefaults
 
 Temperature = Field(1.0, ge=0.0, le=2.0)
 TopP = Field(1.0, gt=0.0, le=1.0)
@@ -35,21 +45,24 @@ def _stops(value: object) -> object:
 
 # ---- native API ---------------------------------------------------------------------------------------
 
-# One request must not be able to hold up every session's planning or fill the device: a plan's node
-# pool holds simulations + 1 states per session (9.8 MB each at 129M parameters), and a plan steps `lag`
-# tokens ahead before it searches.
-MAX_SIMULATIONS = 256
-MAX_LAG = 32
-
-
-class DeliberationRequest(BaseModel):
-    """Per-request deliberation; fields left out take the server's defaults."""
-    model_config = ConfigDict(extra="forbid")
+class DeliberationRequest(DeliberationKnobs):
+    """Per-request deliberation (the knobs and their bounds: server/settings.py); fields left out take the
+    server's defaults."""
     enabled: bool | None = None
-    lag: int | None = Field(None, ge=1, le=MAX_LAG)
-    simulations: int | None = Field(None, ge=1, le=MAX_SIMULATIONS)
-    injection_rate: float | None = Field(None, ge=0.0, le=1.0)
-    use_suggestions: bool | None = None
+
+    def resolve(self, defaults: RequestDefaults) -> DeliberationConfig | None:
+        """The request's fields over the server's defaults over the model's; None when it is off."""
+        if not (defaults.deliberation_enabled if self.enabled is None else self.enabled):
+            return None
+        return self.apply_to(defaults.deliberation)
+
+
+def _generation_request(body: GenerateRequest | _OpenAIRequest, prompt_ids: Sequence[int], max_tokens: int,
+                        seed: int | None, stop: Sequence[str], deliberation: DeliberationRequest | None,
+                        defaults: RequestDefaults) -> GenerationRequest:
+    sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed)
+    return GenerationRequest(tuple(prompt_ids), max_tokens, sampling, tuple(stop), body.ignore_eos,
+                             (deliberation or DeliberationRequest()).resolve(defaults))
 
 
 class GenerateRequest(BaseModel):
@@ -76,6 +89,11 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _check_stop(cls, v):
         return _stops(v)
+
+    def to_generation_request(self, prompt_ids: Sequence[int], defaults: RequestDefaults) -> GenerationRequest:
+        """prompt_ids: the prompt's tokens (token_ids, or the prompt encoded)."""
+        return _generation_request(self, prompt_ids, self.max_tokens or defaults.max_tokens, self.seed, self.stop,
+                                   self.deliberation, defaults)
 
 
 class Timings(BaseModel):
@@ -145,6 +163,20 @@ class _OpenAIRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    # stop strings the endpoint adds to the request's own (chat: the template's turn markers)
+    extra_stops: ClassVar[tuple[str, ...]] = ()
+
+    def max_tokens_or(self, defaults: RequestDefaults) -> int:
+        raise NotImplementedError
+
+    def to_generation_request(self, prompt_ids: Sequence[int], defaults: RequestDefaults,
+                              choice: int = 0) -> GenerationRequest:
+        """Choice `choice` (of n) of one prompt. With a seed, choice j uses seed + j, kept to 64 bits (the
+        same bits as a seed, so -1 and 2**64 - 1 are one seed)."""
+        seed = None if self.seed is None else (self.seed + choice) % 2**64
+        return _generation_request(self, prompt_ids, self.max_tokens_or(defaults), seed,
+                                   [*self.stop, *self.extra_stops], None, defaults)
+
 
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -166,6 +198,9 @@ class CompletionRequest(_OpenAIRequest):
             raise ValueError("prompt must not be an empty list")
         return self
 
+    def max_tokens_or(self, defaults: RequestDefaults) -> int:
+        return self.max_tokens or defaults.max_tokens
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -186,6 +221,10 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    extra_stops: ClassVar[tuple[str, ...]] = CHAT_STOPS
+
+    def max_tokens_or(self, defaults: RequestDefaults) -> int:
+        return self.max_completion_tokens or self.max_tokens or defaults.max_new_tokens
 
 
 class CompletionChoice(BaseModel):

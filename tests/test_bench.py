@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from crsm.bench_server import SECTIONS as SERVER_SECTIONS
+from crsm.cli import build_parser
 from crsm_core.bench import runner
 from crsm_core.bench.cli import settings_from_args
 from crsm_core.bench.report import BEGIN, END, write_docs
 from crsm_core.bench.settings import BenchSettings, SettingsError
 from crsm_core.bench.stats import LatencyStats, gaps, steady_tokens_per_s, window_gaps
-from crsm_core.cli import build_parser
-from crsm_core.engine import PLANNER_MODES
+from crsm_core.engine_config import PLANNER_MODES
 from crsm_core.markdown import write_generated_section
 
 
@@ -27,7 +28,7 @@ def quick_settings(out: Path, *extra: str) -> BenchSettings:
 def quick_run(tmp_path_factory, single_intra_op_thread):
     out = tmp_path_factory.mktemp("bench")
     settings = quick_settings(out)
-    run = runner.run_bench(settings)
+    run = runner.run_bench(settings, sections=SERVER_SECTIONS)
     return settings, run, json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
 
 

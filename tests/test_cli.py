@@ -1,16 +1,20 @@
-"""The `crsm` console commands, run as a user runs them (a subprocess)."""
+"""The `crsm` console commands, run as a user runs them (a subprocess), and the packages' layering."""
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from crsm_core.config import tiny_config
 from crsm_core.state import RecurrentState
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def crsm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crsm_core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "crsm", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -49,3 +53,23 @@ def test_missing_model_is_a_clear_error(tmp_path):
     result = crsm("info", "--model", str(tmp_path / "none"))
     assert result.returncode != 0
     assert "model directory not found" in result.stderr
+
+
+def absolute_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package, above", [("crsm_core", {"server", "crsm"}), ("server", {"crsm"})])
+def test_no_package_imports_one_above_it(package, above):
+    """crsm (the command) sits on server, which sits on crsm_core; nothing imports upwards."""
+    modules = sorted((REPO / package).rglob("*.py"))
+    assert len(modules) > 5
+    upward = {str(m.relative_to(REPO)): sorted(n for n in absolute_imports(m) if n.split(".")[0] in above)
+              for m in modules}
+    assert {m: names for m, names in upward.items() if names} == {}

@@ -473,7 +473,7 @@ def test_crsm_serve_ends_open_streams_on_sigterm(model_dir):
     port = free_port()
     env = {**os.environ, "CRSM_TORCH_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crsm_core.cli", "serve", "--model", str(model_dir),
+        [sys.executable, "-m", "crsm", "serve", "--model", str(model_dir),
          "--port", str(port), "--max-new-tokens", str(ENDLESS), "--shutdown-drain-s", "0.3"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -504,6 +504,6 @@ def test_crsm_serve_ends_open_streams_on_sigterm(model_dir):
 
 
 def test_crsm_serve_refuses_a_missing_model_dir(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "crsm_core.cli", "serve", "--model", str(tmp_path / "none")],
+    result = subprocess.run([sys.executable, "-m", "crsm", "serve", "--model", str(tmp_path / "none")],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "model directory not found" in result.stderr

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from crsm.cli import main as crsm_main
 from crsm_core.backbone import MambaLM
 from crsm_core.checkpoint import load_pretrained
-from crsm_core.cli import main as crsm_main
 from crsm_core.config import ConfigError, tiny_config
 from crsm_core.tokenizer import ByteTokenizer
 from crsm_core.training.config import DataConfig, deliberation_config, load_config

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from .settings import DEFAULT_DOCS, DEVICES, SECTIONS, BenchSettings, SettingsError
 
@@ -27,7 +29,12 @@ def command_line(settings: BenchSettings) -> str:
     return " ".join(parts)
 
 
-def _bench(args: argparse.Namespace) -> int:
+# Loads the functions of the sections beyond the core's (the http section: crsm/bench_server.py), when the
+# command runs, so that registering it imports nothing of them.
+SectionsLoader = Callable[[], Mapping[str, Callable[[Any], Any]]]
+
+
+def _bench(args: argparse.Namespace, more_sections: SectionsLoader) -> int:
     from .report import summary
     from .runner import run_bench
 
@@ -43,7 +50,7 @@ def _bench(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
-        run = run_bench(settings, command=command_line(settings))
+        run = run_bench(settings, command=command_line(settings), sections=more_sections())
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -52,7 +59,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, more_sections: SectionsLoader) -> None:
     p = subparsers.add_parser("bench", help="serving benchmark: engine, baselines, deliberation overhead, HTTP")
     p.add_argument("--out", type=Path, required=True, help="directory for bench.json, bench.md, the plot and the log")
     docs = p.add_mutually_exclusive_group()
@@ -63,4 +70,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=None, help="new tokens per session (default 256; --quick 24)")
     p.add_argument("--quick", action="store_true", help="tiny model, fp32, CPU: a smoke run in seconds")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=functools.partial(_bench, more_sections=more_sections))

@@ -1,6 +1,6 @@
 """Section "deliberation": what the planners cost the streams, and how much planning they do.
 
-For each planner mode (`crsm_core.engine.PLANNER_MODES`) one engine is built around a CRSMModel
+For each planner mode (`crsm_core.engine_config.PLANNER_MODES`) one engine is built around a CRSMModel
 (the shared backbone, untrained dynamics and value heads); at 1 and 16 sessions the same workload
 runs with planners off and then on, back to back on that engine, so the ratio compares like with like.
 Planner throughput: state-steps (rows advanced by one token, fast-forward and expansions) summed over
@@ -18,7 +18,8 @@ from collections import Counter
 
 import torch
 
-from ..engine import PLANNER_MODES, Engine
+from ..engine import Engine
+from ..engine_config import PLANNER_MODES
 from ..injection import InjectionOutcome
 from ..planner.runtime import PlanRequest
 from ..streams import record_current

@@ -1,8 +1,9 @@
 """Section "http": the real server on loopback, streamed by httpx clients in the same process.
 
-The server (server.cli.build_server: the app factory under uvicorn) runs in a thread of its own with
-its own event loop, serving a CRSMModel around the shared backbone; the clients run on this thread's
-event loop. Timestamps are the clients': the moment each SSE `token` event is read.
+The server is handed in (`BenchServer`; crsm/bench_server.py starts the real one: the app factory under
+uvicorn in a thread of its own with its own event loop, serving a CRSMModel around the shared backbone),
+since the core does not import the server. The clients run on this thread's event loop. Timestamps are
+the clients': the moment each SSE `token` event is read.
 
 Measured: time to first token and ITL with 1 and 16 streaming clients; then the long-prompt test:
 16 streams running, a 4,096-token prompt submitted, and the 16 streams' gaps during the window from
@@ -13,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import httpx
 
@@ -27,8 +28,23 @@ from .workload import Workload
 log = logging.getLogger(__name__)
 
 ENDLESS = 1_000_000          # max_tokens of streams that run until the client stops reading
-START_TIMEOUT_S = 600.0      # model load + graph capture on the server's side
 PHASE_TIMEOUT_S = 600.0
+
+
+class BenchServer(Protocol):
+    """A server on 127.0.0.1 serving the workload's model, with max_new_tokens >= ENDLESS and room for
+    the long prompt; `url` is set once `start` returns (ready)."""
+    url: str
+
+    def start(self) -> "BenchServer": ...
+
+    def stop(self) -> None: ...
+
+    def settings(self) -> dict[str, Any]:
+        """Its settings by their flat names (`prefill_chunk`, `max_sessions`, ...), as the report records them."""
+
+
+ServerFactory = Callable[[Workload], BenchServer]
 
 
 @dataclass
@@ -37,47 +53,6 @@ class StreamRecord:
     sent_at: float = 0.0
     token_times: list[float] = field(default_factory=list)
     done: dict | None = None
-
-
-class LiveServer:
-    """uvicorn on 127.0.0.1, a free port, in a daemon thread."""
-
-    def __init__(self, workload: Workload):
-        from server.cli import build_server  # the server package: only this section needs it
-        from server.settings import ServerSettings
-
-        s = workload.settings
-        self.settings = ServerSettings(
-            model_name="bench", device=s.device, host="127.0.0.1", port=0, max_sessions=s.max_sessions,
-            max_prompt_tokens=max(4096, s.long_prompt_tokens), max_new_tokens=ENDLESS, queue_size=256,
-            shutdown_drain_s=1.0)
-        self.workload = workload
-        self.server = build_server(self.settings, "warning", loader=lambda _settings: workload.crsm_model())
-        self.thread = threading.Thread(target=self.server.run, name="crsm-bench-server", daemon=True)
-        self.url = ""
-
-    def start(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        while True:
-            ready = httpx.get(self.url + "/ready", timeout=10)
-            if ready.status_code == 200:
-                return self
-            if "model_load_failed" in ready.text or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready: {ready.status_code} {ready.text}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.request_exit()
-        self.thread.join(timeout=60)
-        if self.thread.is_alive():
-            log.warning("the benchmark server did not stop within 60 s")
 
 
 def body(prompt: tuple[int, ...], max_tokens: int) -> dict:
@@ -184,7 +159,7 @@ async def long_prompt_run(client: httpx.AsyncClient, workload: Workload, prefill
                             p99_ratio=itl_during.p99_ms / itl_before.p99_ms)
 
 
-async def _http_section(workload: Workload, server: LiveServer) -> HttpResult:
+async def _http_section(workload: Workload, server: BenchServer) -> HttpResult:
     s = workload.settings
     limits = httpx.Limits(max_connections=4 * s.max_sessions, max_keepalive_connections=4 * s.max_sessions)
     async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(PHASE_TIMEOUT_S), limits=limits) as client:
@@ -199,16 +174,15 @@ async def _http_section(workload: Workload, server: LiveServer) -> HttpResult:
             log.info("http: %d clients: TTFT p50 %.2f ms, ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", clients,
                      run.ttft.p50_ms, run.itl.p50_ms, run.itl.p99_ms, run.tokens_per_s)
             runs.append(run)
-        long_prompt_result = await long_prompt_run(client, workload, server.settings.prefill_chunk)
+        long_prompt_result = await long_prompt_run(client, workload, server.settings()["prefill_chunk"])
         log.info("http: long prompt (%d tokens) under %d streams: ITL p99 %.3f ms before, %.3f ms during (x%.2f)",
                  s.long_prompt_tokens, s.long_prompt_streams, long_prompt_result.itl_before.p99_ms,
                  long_prompt_result.itl_during.p99_ms, long_prompt_result.p99_ratio)
-    settings = server.settings.model_dump(mode="json", exclude={"model_dir"})
-    return HttpResult(server=settings, runs=runs, long_prompt=long_prompt_result)
+    return HttpResult(server=server.settings(), runs=runs, long_prompt=long_prompt_result)
 
 
-def http_section(workload: Workload) -> HttpResult:
-    server = LiveServer(workload).start()
+def http_section(workload: Workload, serve: ServerFactory) -> HttpResult:
+    server = serve(workload).start()
     try:
         return asyncio.run(_http_section(workload, server))
     finally:

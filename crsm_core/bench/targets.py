@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..engine import PLANNER_MODES
+from ..engine_config import PLANNER_MODES
 from .results import BenchRun, DeliberationResult, EngineResult, HttpResult, TargetCheck
 
 

@@ -26,13 +26,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..backbone import MambaLM
 from ..backbone.graphs import CapturedStepper
 from ..dynamics import Stepper, fast_forward
+from ..engine_config import PLANNER_MODES, PlannerMode
 from ..injection import TargetEntry, gates
 from ..state import RecurrentState
 from ..streams import Lane, hand_over, record_current, wait
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PlannerMode = Literal["stream", "ride"]
-PLANNER_MODES: tuple[str, ...] = ("stream", "ride")
 
 
 def resolve_planner_mode(mode: str, device: torch.device) -> PlannerMode:

@@ -30,7 +30,7 @@ START_TIMEOUT_S = 60.0  # a cold start imports torch; on a busy 2-core machine t
 def make_model_dir(directory: Path) -> Path:
     """`crsm init --out DIR`: a random tiny model (backbone and tokenizer; the server builds untrained
     dynamics and value heads for it, so deliberation runs)."""
-    result = subprocess.run([sys.executable, "-m", "crsm_core.cli", "--log-level", "WARNING", "init",
+    result = subprocess.run([sys.executable, "-m", "crsm", "--log-level", "WARNING", "init",
                              "--out", str(directory)], env=_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return directory
@@ -73,7 +73,7 @@ class ServeProcess:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "crsm_core.cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
+            [sys.executable, "-m", "crsm", "--log-level", "WARNING", "serve", "--model", str(model_dir),
              "--model-name", MODEL, "--port", str(self.port), *flags],
             env=_env(), stdout=self._log, stderr=subprocess.STDOUT)
 
