@@ -73,3 +73,29 @@ def test_no_package_imports_one_above_it(package, above):
     upward = {str(m.relative_to(REPO)): sorted(n for n in absolute_imports(m) if n.split(".")[0] in above)
               for m in modules}
     assert {m: names for m, names in upward.items() if names} == {}
+
+
+# What a subcommand needs is imported when it runs: none of this at startup.
+HEAVY = ("torch", "numpy", "safetensors", "tokenizers", "fastapi", "starlette", "uvicorn", "httpx", "yaml")
+LIGHT_OURS = {"crsm", "crsm.cli", "crsm_core", "crsm_core.cli", "crsm_core.config", "crsm_core.engine_config",
+              "crsm_core.bench", "crsm_core.bench.cli", "crsm_core.bench.settings", "crsm_core.training",
+              "crsm_core.training.cli", "server", "server.settings"}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["bench", "--help"], ["train", "--help"]])
+def test_help_imports_no_torch_server_or_training(argv):
+    code = ("import json, runpy, sys\n"
+            f"sys.argv = ['crsm', *{argv!r}]\n"
+            "try:\n"
+            "    runpy.run_module('crsm', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "usage: crsm" in result.stdout
+    modules = json.loads(result.stderr.strip().splitlines()[-1])
+    assert [m for m in modules if m.split(".")[0] in HEAVY] == []
+    ours = {m for m in modules if m.split(".")[0] in ("crsm", "crsm_core", "server")}
+    assert ours <= LIGHT_OURS, sorted(ours - LIGHT_OURS)
+    assert "crsm.cli" in ours  # the check looked at the command's own process

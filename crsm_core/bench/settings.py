@@ -1,11 +1,14 @@
-"""What a `crsm bench` run measures: sections, sizes and device, validated once at the edge."""
+"""What a `crsm bench` run measures: sections, sizes and device, validated once at the edge.
+
+torch is imported where it is used: `crsm --help` reads this module without loading it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DOCS = REPO / "docs" / "benchmarks.md"
@@ -15,6 +18,12 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class SettingsError(ValueError):
     """Settings that cannot describe a run."""
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ class BenchSettings:
             raise SettingsError(f"sections must be a non-empty subset of {SECTIONS}, got {list(self.sections)}")
         if self.device not in ("cpu", "cuda"):
             raise SettingsError(f"device must be resolved to 'cpu' or 'cuda', got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cuda" and not _cuda_available():
             raise SettingsError("--device cuda, but no CUDA device is available")
         # ITLs need at least two gaps per session after the warm-up ones.
         for name in ("tokens", "hf_tokens", "deliberation_tokens"):
@@ -72,7 +81,7 @@ class BenchSettings:
         if device not in DEVICES:
             raise SettingsError(f"device must be one of {DEVICES}, got {device!r}")
         if device == "auto":
-            device = "cpu" if quick or not torch.cuda.is_available() else "cuda"
+            device = "cpu" if quick or not _cuda_available() else "cuda"
         values: dict[str, Any] = dict(out=Path(out), docs=docs, quick=quick, device=device)
         if quick:
             # A few tokens per session, but enough that a light planner finishes some plans.
@@ -89,6 +98,8 @@ class BenchSettings:
     @property
     def dtype(self) -> torch.dtype:
         """bf16 on CUDA for the full model; fp32 for --quick and on the CPU."""
+        import torch
+
         return torch.bfloat16 if self.device == "cuda" and not self.quick else torch.float32
 
     def to_dict(self) -> dict[str, Any]:
