@@ -32,6 +32,7 @@ def quick_run(tmp_path_factory, single_intra_op_thread):
     return settings, run, json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_section(quick_run):
     settings, run, data, _ = quick_run
     assert settings.docs is None and settings.device == "cpu" and settings.dtype == torch.float32
@@ -48,6 +49,7 @@ def check_run(run: dict, streams: int, tokens: int, warmup: int) -> None:
     assert run["tokens_per_s"] > 0 and run["wall_s"] > 0
 
 
+@pytest.mark.slow
 def test_engine_section(quick_run):
     settings, _, data, _ = quick_run
     runs = data["sections"]["engine"]["result"]["runs"]
@@ -58,6 +60,7 @@ def test_engine_section(quick_run):
     assert data["sections"]["engine"]["result"]["engine_config"]["max_sessions"] == 64
 
 
+@pytest.mark.slow
 def test_baselines_are_skipped_with_a_reason(quick_run):
     _, _, data, markdown = quick_run
     backends = data["sections"]["baselines"]["result"]["backends"]
@@ -67,6 +70,7 @@ def test_baselines_are_skipped_with_a_reason(quick_run):
     assert "| mamba_ssm | - | skipped: --quick" in markdown and "| transformers | - | skipped: --quick" in markdown
 
 
+@pytest.mark.slow
 def test_deliberation_section(quick_run):
     settings, _, data, _ = quick_run
     result = data["sections"]["deliberation"]["result"]
@@ -94,6 +98,7 @@ def test_deliberation_section(quick_run):
     assert sum(r["rows_stepped_per_s"] for r in rows) > 0
 
 
+@pytest.mark.slow
 def test_http_section(quick_run):
     settings, _, data, _ = quick_run
     result = data["sections"]["http"]["result"]
@@ -108,6 +113,7 @@ def test_http_section(quick_run):
     assert long["p99_ratio"] == pytest.approx(long["itl_during"]["p99_ms"] / long["itl_before"]["p99_ms"])
 
 
+@pytest.mark.slow
 def test_targets_and_markdown(quick_run):
     _, _, data, markdown = quick_run
     targets = {t["name"]: t for t in data["targets"]}
@@ -121,6 +127,7 @@ def test_targets_and_markdown(quick_run):
         assert row in markdown, row
 
 
+@pytest.mark.slow
 def test_docs_section_is_replaced_and_the_text_around_it_kept(quick_run, tmp_path):
     _, run, _, _ = quick_run
     doc = tmp_path / "benchmarks.md"

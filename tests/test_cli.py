@@ -25,6 +25,7 @@ def model_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_info_prints_config_parameters_and_state_bytes(model_dir):
     result = crsm("info", "--model", str(model_dir))
     assert result.returncode == 0, result.stderr
@@ -35,6 +36,7 @@ def test_info_prints_config_parameters_and_state_bytes(model_dir):
     assert info["parameters"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--deliberation", "--lag", "2"]], ids=["plain", "deliberation"])
 def test_generate_streams_a_completion(model_dir, extra):
     args = ("generate", "--model", str(model_dir), "--max-tokens", "12", "--seed", "5", "--temperature", "0",
@@ -49,6 +51,7 @@ def test_generate_streams_a_completion(model_dir, extra):
         assert "'launched': " in first.stderr
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_clear_error(tmp_path):
     result = crsm("info", "--model", str(tmp_path / "none"))
     assert result.returncode != 0

@@ -1,7 +1,6 @@
 """The engine without HTTP: batched decoding equals one-at-a-time decoding, chunked prefill interleaves
 with decoding, stop/eos/length, cancellation, the bounded queue and shutdown."""
 import asyncio
-import time
 from dataclasses import replace
 
 import pytest
@@ -217,12 +216,12 @@ async def test_shutdown_drains_then_ends_open_sessions(model):
     engine = await run_engine(model, EngineConfig(max_sessions=2, max_new_tokens=ENDLESS))
     short = engine.submit(request("a", 5, ignore_eos=True))
     endless = engine.submit(request("b", ENDLESS, ignore_eos=True))
-    start = time.monotonic()
     await engine.shutdown(drain_timeout_s=0.5)
-    assert time.monotonic() - start < 5
     assert (await short.collect()).done.finish_reason == "length"
-    final = [e async for e in endless.stream()][-1]
+    *events, final = [e async for e in endless.stream()]
+    # the drain ended at its timeout: the endless session was stopped, not waited for
     assert isinstance(final, ErrorEvent) and final.code == "shutdown"
+    assert sum(isinstance(e, TokenEvent) for e in events) < ENDLESS
     with pytest.raises(EngineClosed):
         engine.submit(request("c", 1))
 

@@ -66,6 +66,7 @@ def test_moved_rows_keep_their_sequence():
     assert [t.sample(logits[1:]).item() for _ in range(10)] == [alone.sample(logits[1:]).item() for _ in range(10)]
 
 
+@pytest.mark.slow
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.7, 0.2, 0.1])
     t = table([SamplingParams(seed=0)])

@@ -469,6 +469,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_crsm_serve_ends_open_streams_on_sigterm(model_dir):
     port = free_port()
     env = {**os.environ, "CRSM_TORCH_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -159,6 +159,7 @@ def tiny_run(tmp_path_factory):
     return out, interrupted
 
 
+@pytest.mark.slow
 def test_tiny_backbone_learns_and_resumes(tiny_run):
     out, interrupted = tiny_run
     cfg = load_config(TINY)
@@ -173,6 +174,7 @@ def test_tiny_backbone_learns_and_resumes(tiny_run):
     assert report["final_train_loss"] < report["first_train_loss"] - 1.0
 
 
+@pytest.mark.slow
 def test_tiny_reports_fidelity_and_calibration(tiny_run):
     out, _ = tiny_run
     model_dir = out / "model"
@@ -193,6 +195,7 @@ def test_tiny_reports_fidelity_and_calibration(tiny_run):
     assert "| 8 |" in md and "Brier" in md
 
 
+@pytest.mark.slow
 def test_tiny_assembled_directory_loads_and_generates(tiny_run):
     out, _ = tiny_run
     model_dir = out / "model"
@@ -215,6 +218,7 @@ def test_tiny_assembled_directory_loads_and_generates(tiny_run):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.slow
 def test_tiny_assembled_directory_serves_deliberation(tiny_run):
     import asyncio
 
@@ -234,6 +238,7 @@ def test_tiny_assembled_directory_serves_deliberation(tiny_run):
     assert 1 <= len(result.tokens) <= 6 and result.counters["launched"] >= 1
 
 
+@pytest.mark.slow
 def test_tiny_eval_writes_the_table(tiny_run, tmp_path):
     out, _ = tiny_run
     doc = tmp_path / "evaluation.md"

@@ -114,6 +114,7 @@ def poisoned_prefill_loader(settings: ServerSettings):
     return model
 
 
+@pytest.mark.slow
 async def test_a_failing_prefill_ends_only_its_request(model_dir, figures):
     server = InProcessServer(settings_for(model_dir), poisoned_prefill_loader).start()
     try:
@@ -186,6 +187,7 @@ def serve(model_dir, tmp_path):
         process.stop()
 
 
+@pytest.mark.slow
 async def test_sigterm_during_open_streams_ends_each_with_a_final_event(serve, figures):
     def body(i: int) -> dict:
         # a third may finish within the drain, the rest would run forever; some deliberate

@@ -125,6 +125,7 @@ def assert_no_server_error(status: int, text: str) -> None:
                         and message["error"].get("code") == "internal_error"), data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions"])
 def test_fuzzed_bodies_never_get_a_5xx(server, openapi, path, figures):
     statuses: dict[int, int] = {}

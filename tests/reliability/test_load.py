@@ -133,6 +133,7 @@ def server(model_dir, tmp_path):
         serve.stop()
 
 
+@pytest.mark.slow
 def test_200_concurrent_streams_for_30_s(server, figures):
     load_average = os.getloadavg()[0]  # other work on the machine, for reading the figures
     warmup = asyncio.run(run_load(server.url, WARMUP_S))

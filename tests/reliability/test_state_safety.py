@@ -99,6 +99,7 @@ def test_poisoned_targets_never_touch_a_session_state(parts, value, figures):
     figures.record("state_safety", **{f"reasons {value}": reasons, f"rejected {value}": len(events)})
 
 
+@pytest.mark.slow
 def test_poisoned_targets_through_the_server(model_dir, figures):
     installed: list[PoisonedDynamics] = []
 
