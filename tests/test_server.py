@@ -504,6 +504,7 @@ def test_crsm_serve_ends_open_streams_on_sigterm(model_dir):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_crsm_serve_refuses_a_missing_model_dir(tmp_path):
     result = subprocess.run([sys.executable, "-m", "crsm", "serve", "--model", str(tmp_path / "none")],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
