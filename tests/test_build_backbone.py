@@ -25,13 +25,14 @@ def test_explicit_dtype_overrides_the_default():
     assert logits.dtype == torch.bfloat16 and logits.shape == (2, 260)
 
 
-def test_fused_on_the_cpu_device_is_refused():
-    with pytest.raises(ValueError, match="fused backbone runs on a CUDA device, not 'cpu'"):
-        build_backbone(tiny_config(), "cpu", impl="fused")
+@pytest.mark.parametrize("impl", ["fused", "fused_step"])
+def test_fused_on_the_cpu_device_is_refused(impl):
+    with pytest.raises(ValueError, match=f"the {impl} backbone runs on a CUDA device, not 'cpu'"):
+        build_backbone(tiny_config(), "cpu", impl=impl)
 
 
 def test_unknown_impl_is_refused():
-    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'reference', 'fused'\), got 'triton'"):
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'reference', 'fused', 'fused_step'\), got 'triton'"):
         build_backbone(tiny_config(), "cpu", impl="triton")
 
 
@@ -50,8 +51,9 @@ def test_fused_without_mamba_ssm_names_the_package(monkeypatch):
                         lambda name, *a: None if name == "mamba_ssm" else real_find_spec(name, *a))
     assert not fused_available()
     assert resolve_impl("auto", "cuda") == "reference"
-    with pytest.raises(RuntimeError, match=r"needs mamba_ssm \(pip install 'crsm-server\[gpu\]'\)"):
-        resolve_impl("fused", "cuda")
+    for impl in ("fused", "fused_step"):
+        with pytest.raises(RuntimeError, match=rf"the {impl} backbone needs mamba_ssm \(pip install 'crsm-server\[gpu\]'\)"):
+            resolve_impl(impl, "cuda")
 
 
 def test_auto_picks_fused_when_cuda_and_mamba_ssm_are_there(monkeypatch):
@@ -63,3 +65,4 @@ def test_auto_picks_fused_when_cuda_and_mamba_ssm_are_there(monkeypatch):
     assert resolve_impl("auto", "cuda") == "fused"
     assert resolve_impl("auto", "cpu") == "reference"   # the device decides first
     assert resolve_impl("reference", "cuda") == "reference"
+    assert resolve_impl("fused_step", "cuda") == "fused_step"

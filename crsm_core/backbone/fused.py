@@ -19,7 +19,7 @@ import types
 import torch
 
 from . import ssd
-from .model import Kernels
+from .model import Kernels, layered_step
 
 log = logging.getLogger(__name__)
 
@@ -112,4 +112,5 @@ FUSED_KERNELS = Kernels(
     conv_step=causal_conv_step if HAVE_CAUSAL_CONV1D else ssd.causal_conv_step,
     gated_norm=gated_norm,
     add_norm=add_norm,
+    decode_step=layered_step,
 )

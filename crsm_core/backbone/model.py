@@ -33,6 +33,9 @@ class Kernels:
     conv_step: Callable[..., torch.Tensor]
     gated_norm: Callable[..., torch.Tensor]
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # (model, tokens [M], state (a pool of R >= M rows), src_rows [M] | None, dst_rows [M] | None)
+    #   -> logits [M, V]: the whole decode step (see `MambaLM.step_rows`)
+    decode_step: Callable[..., torch.Tensor]
 
 
 def _reference_chunk_scan(x, dt_raw, dt_bias, A, B, C, D, chunk_size, initial_state):
@@ -45,6 +48,18 @@ def _reference_state_step(ssm_state, x, dt_raw, dt_bias, A, B, C, D):
     return ssd.ssd_step(ssm_state, x, dt, A, B, C, D)
 
 
+def layered_step(model: "MambaLM", tokens: torch.Tensor, state: RecurrentState, src_rows: torch.Tensor | None,
+                 dst_rows: torch.Tensor | None) -> torch.Tensor:
+    """The decode step as the blocks' `step` methods, one table kernel at a time. With rows, the rows
+    are gathered, stepped and scattered (the fused step kernels read and write them in place)."""
+    if src_rows is None:
+        return model.step_layers(tokens, state)
+    rows = state.gather(src_rows)
+    logits = model.step_layers(tokens, rows)
+    state.scatter_(dst_rows, rows)
+    return logits
+
+
 REFERENCE_KERNELS = Kernels(
     name="reference",
     chunk_scan=_reference_chunk_scan,
@@ -53,6 +68,7 @@ REFERENCE_KERNELS = Kernels(
     conv_step=ssd.causal_conv_step,
     gated_norm=ssd.gated_rms_norm,
     add_norm=ssd.add_rms_norm,
+    decode_step=layered_step,
 )
 
 
@@ -230,7 +246,25 @@ class MambaLM(nn.Module):
         return self.forward(input_ids, state)[:, -1]
 
     def step(self, input_ids: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        """One decode step. input_ids: [B] -> logits [B, V]; state advanced by one token in place."""
+        """One decode step. input_ids: [B] -> logits [B, V]; state (B rows) advanced by one token in place."""
+        if state.batch != input_ids.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} tokens for a state of {state.batch} rows")
+        return self.kernels.decode_step(self, input_ids, state, None, None)
+
+    def step_rows(self, input_ids: torch.Tensor, pool: RecurrentState, rows: torch.Tensor,
+                  dst_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step of chosen rows of a pool. input_ids: [M]; rows: [M] long, the pool rows to
+        read; dst_rows: [M] long, where their advanced states go (default: rows, in place). Returns
+        logits [M, V]. Destination rows must be distinct and none another entry's source row.
+
+        `step(ids, state)` is the same step over rows 0..B-1. The fused step kernels read and write
+        the rows where they are; the layered step gathers and scatters them."""
+        if rows.shape != input_ids.shape or (dst_rows is not None and dst_rows.shape != rows.shape):
+            raise ValueError(f"rows {tuple(rows.shape)} and dst_rows must match the tokens {tuple(input_ids.shape)}")
+        return self.kernels.decode_step(self, input_ids, pool, rows, rows if dst_rows is None else dst_rows)
+
+    def step_layers(self, input_ids: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """The decode step block by block with the table's kernels (`layered_step`)."""
         h, residual = self.backbone.embedding(input_ids), None
         for i, block in enumerate(self.backbone.layers):
             h, residual = block._norm(block.norm, h, residual)
