@@ -1,15 +1,21 @@
-"""Fused (mamba_ssm Triton kernels, eager and graph-captured) against the reference backbone on the GPU.
+"""The GPU backbones (`fused`: mamba_ssm's Triton kernels; `fused_step`: its prefill and this project's
+decode-step kernels), eager and graph-captured, against the reference backbone on the GPU.
 
-Same weights in both; the same prompt is prefilled and the same tokens are then fed for the decode
+Same weights in all; the same prompt is prefilled and the same tokens are then fed for the decode
 steps (teacher forcing, so a near-tie in the logits cannot make the two runs read different tokens).
 Reported: relative errors ||a - b|| / ||b|| of the prefill logits, of the states after the prefill,
 of the decode logits (all steps together, and the worst single step), of the final states, and the
 top-1 agreement of the decode logits. In bf16 the reference itself is measured against an fp32 run
 of the same (bf16-rounded) weights, which shows the size of bf16 noise the fused errors compare to.
 
+Step cases (`STEP_CASES`): the decode step alone, 256 steps from a state the reference prefilled (the
+same start for both), at batch 1, 16 and 64: in place (`step`), graph-captured (`CapturedDecoder`, the
+engine's path), and by row index (`step_rows` over a pool of 2B + 1 rows, eager and captured, the
+planner's path), the rows the batch does not use checked untouched.
+
     python scripts/gpu_parity.py [--out DIR]     # writes parity.json and parity.md (default: $OUT)
 
-tests/gpu/test_fused.py runs the same measurements and asserts on them.
+tests/gpu/test_fused.py and tests/gpu/test_step_kernels_gpu.py run the same measurements and assert on them.
 """
 from __future__ import annotations
 
@@ -26,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from crsm_core.backbone import MambaLM, build_backbone
-from crsm_core.backbone.graphs import CapturedDecoder
+from crsm_core.backbone import GPU_IMPLS, MambaLM, build_backbone
+from crsm_core.backbone.graphs import CapturedDecoder, _warm_up
 from crsm_core.config import MambaConfig, SSMConfig
 from crsm_core.state import RecurrentState
 
@@ -123,32 +129,147 @@ def compare_steps(model: MambaLM, reference: MambaLM, decode: torch.Tensor,
             "final_ssm": rel_err(final.ssm, want_final.ssm)}
 
 
-def measure(case: ParityCase, device: str = "cuda") -> dict[str, dict[str, float]]:
-    """{comparison name: errors} for one case."""
+def like(reference: MambaLM, impl: str) -> MambaLM:
+    """A backbone of `impl` holding the reference's weights."""
+    model = build_backbone(reference.config, reference.device, reference.dtype, impl=impl)
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
+def measure(case: ParityCase, device: str = "cuda", impls: tuple[str, ...] = GPU_IMPLS) -> dict[str, dict[str, float]]:
+    """{comparison name: errors} for one case, `<impl>_...` for each GPU impl."""
     torch.manual_seed(case.seed)
     reference = build_backbone(case.config, device, case.dtype, impl="reference")
-    fused = build_backbone(case.config, device, case.dtype, impl="fused")
-    fused.load_state_dict(reference.state_dict())
     gen = torch.Generator().manual_seed(case.seed + 1)
     vocab = case.config.vocab_size
     prompt = torch.randint(0, vocab, (case.batch, case.prefill_len), generator=gen).to(device)
     decode = torch.randint(0, vocab, (case.batch, case.decode_steps), generator=gen).to(device)
-    # A max_batch above the case's batch makes the graph run a padded bucket (batch 3 -> bucket 4).
-    decoder = CapturedDecoder(fused, max_batch=max(4, case.batch + 1))
-
     want = run(reference, prompt, decode)
-    results = {
-        "fused_eager_vs_reference": compare(run(fused, prompt, decode, case.split), want),
-        "fused_graph_vs_reference": compare(run(fused, prompt, decode, case.split, decoder), want),
-    }
-    if case.dtype == torch.float32:
-        results["fused_graph_steps_only_vs_reference"] = compare_steps(fused, reference, decode, decoder)
-    else:
+    results = {}
+    if case.dtype != torch.float32:
         # The same bf16-rounded weights run in fp32: how far bf16 arithmetic itself moves the outputs.
-        exact = copy.deepcopy(reference).float()
-        truth = run(exact, prompt, decode)
+        truth = run(copy.deepcopy(reference).float(), prompt, decode)
         results["reference_vs_fp32"] = compare(want, truth)
-        results["fused_graph_vs_fp32"] = compare(run(fused, prompt, decode, case.split, decoder), truth)
+    for impl in impls:
+        model = like(reference, impl)
+        # A max_batch above the case's batch makes the graph run a padded bucket (batch 3 -> bucket 4).
+        decoder = CapturedDecoder(model, max_batch=max(4, case.batch + 1))
+        results[f"{impl}_eager_vs_reference"] = compare(run(model, prompt, decode, case.split), want)
+        graphed = run(model, prompt, decode, case.split, decoder)
+        results[f"{impl}_graph_vs_reference"] = compare(graphed, want)
+        if case.dtype == torch.float32:
+            results[f"{impl}_graph_steps_only_vs_reference"] = compare_steps(model, reference, decode, decoder)
+        else:
+            results[f"{impl}_graph_vs_fp32"] = compare(graphed, truth)
+        del model, decoder
+        torch.cuda.empty_cache()
+    return results
+
+
+# ---- the decode step alone --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepCase:
+    name: str
+    config: MambaConfig
+    dtype: torch.dtype
+    batches: tuple[int, ...] = (1, 16, 64)
+    prefill_len: int = 32
+    steps: int = 256
+    seed: int = 0
+
+
+STEP_CASES = (StepCase("d768-L24-fp32-steps", BF16_CASE.config, torch.float32),
+              StepCase("d768-L24-bf16-steps", BF16_CASE.config, torch.bfloat16))
+
+
+def decode_errors(logits: torch.Tensor, final: RecurrentState, want_logits: torch.Tensor,
+                  want_final: RecurrentState) -> dict[str, float]:
+    """logits [B, S, V] fp32 against the wanted ones; final states against the wanted final states."""
+    per_step = [rel_err(logits[:, t], want_logits[:, t]) for t in range(want_logits.shape[1])]
+    return {"decode_logits": rel_err(logits, want_logits), "decode_logits_worst_step": max(per_step),
+            "final_conv": rel_err(final.conv, want_final.conv), "final_ssm": rel_err(final.ssm, want_final.ssm),
+            "decode_top1_agreement": (logits.argmax(-1) == want_logits.argmax(-1)).float().mean().item()}
+
+
+@torch.inference_mode()
+def rows_steps(model: MambaLM, start: RecurrentState, decode: torch.Tensor, graphed: bool,
+               ping_pong: bool) -> tuple[torch.Tensor, RecurrentState, float]:
+    """The batch's B rows placed at a permutation of a pool of 2B + 1 random rows and stepped there by
+    `step_rows`, eagerly or from one captured graph: in place, or (ping_pong, as the planner steps a
+    parent's state into a child's row) read from one set of B rows and written to the other, the two
+    sets swapping after every step. Returns logits [B, S, V] fp32, the final rows, and the largest
+    change of the pool rows the batch never reads or writes (0 when untouched)."""
+    batch = decode.shape[0]
+    pool_rows = 2 * batch + 1
+    perm = torch.randperm(pool_rows, generator=torch.Generator().manual_seed(batch)).to(decode.device)
+    src, dst = perm[:batch].clone(), perm[batch:2 * batch].clone() if ping_pong else perm[:batch].clone()
+    pool = model.allocate_state(pool_rows)
+    pool.ssm.normal_()
+    pool.conv.normal_()
+    before = pool.clone()
+    pool.scatter_(src, start)
+    tokens = torch.zeros(batch, dtype=torch.long, device=decode.device)
+
+    def step() -> torch.Tensor:
+        return model.step_rows(tokens, pool, src, dst)
+
+    if graphed:
+        saved = pool.clone()
+        _warm_up(step, 2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        pool.copy_(saved)
+    logits = []
+    for t in range(decode.shape[1]):
+        tokens.copy_(decode[:, t])
+        if graphed:
+            graph.replay()
+        else:
+            out = step()
+        logits.append(out.to(torch.float32, copy=True))
+        if ping_pong:
+            swap = src.clone()
+            src.copy_(dst)
+            dst.copy_(swap)
+    idle = perm[2 * batch:] if ping_pong else perm[batch:]
+    changed = max((pool.gather(idle).ssm.float() - before.gather(idle).ssm.float()).abs().max().item(),
+                  (pool.gather(idle).conv.float() - before.gather(idle).conv.float()).abs().max().item())
+    return torch.stack(logits, 1), pool.gather(src), changed   # after the last swap src holds the result
+
+
+def measure_steps(case: StepCase, impl: str = "fused_step", device: str = "cuda") -> dict[str, dict[str, float]]:
+    """{"b<B> <path>": errors} for each batch and path (eager, graph, the rows paths) of `impl`
+    against the reference, and in bf16 also `b<B> reference vs fp32` and `b<B> graph vs fp32`."""
+    torch.manual_seed(case.seed)
+    reference = build_backbone(case.config, device, case.dtype, impl="reference")
+    model = like(reference, impl)
+    exact = copy.deepcopy(reference).float() if case.dtype != torch.float32 else None
+    vocab = case.config.vocab_size
+    results: dict[str, dict[str, float]] = {}
+    for batch in case.batches:
+        gen = torch.Generator().manual_seed(case.seed + batch)
+        prompt = torch.randint(0, vocab, (batch, case.prefill_len), generator=gen).to(device)
+        decode = torch.randint(0, vocab, (batch, case.steps), generator=gen).to(device)
+        start = reference.allocate_state(batch)
+        with torch.inference_mode():
+            reference(prompt, start)
+        want = decode_steps(reference, start, decode)
+        results[f"b{batch} eager"] = decode_errors(*decode_steps(model, start, decode), *want)
+        decoder = CapturedDecoder(model, max_batch=batch)
+        graphed = decode_steps(model, start, decode, decoder)
+        results[f"b{batch} graph"] = decode_errors(*graphed, *want)
+        del decoder
+        for name, captured, ping_pong in (("rows", False, False), ("rows graph", True, False),
+                                          ("rows to other rows", False, True), ("rows to other rows graph", True, True)):
+            logits, final, changed = rows_steps(model, start, decode, captured, ping_pong)
+            results[f"b{batch} {name}"] = {**decode_errors(logits, final, *want), "unused_rows_changed": changed}
+        if exact is not None:
+            truth = decode_steps(exact, RecurrentState(start.conv.float(), start.ssm.float()), decode)
+            results[f"b{batch} reference vs fp32"] = decode_errors(*want, *truth)
+            results[f"b{batch} graph vs fp32"] = decode_errors(*graphed, *truth)
+        torch.cuda.empty_cache()
     return results
 
 
@@ -168,21 +289,21 @@ def _ms_per_call(fn, iters: int, warmup: int = 3) -> float:
 @torch.inference_mode()
 def time_steps(config: MambaConfig = BF16_CASE.config, batches: tuple[int, ...] = (1, 16, 64),
                dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> list[dict[str, float]]:
-    """ms per decode step (GPU time, back to back, no host sync per step) for each batch size."""
+    """ms per decode step (GPU time, back to back, no host sync per step) for each batch size: the
+    reference eagerly, each GPU impl eagerly and from its captured graph."""
     torch.manual_seed(0)
     reference = build_backbone(config, device, dtype, impl="reference")
-    fused = build_backbone(config, device, dtype, impl="fused")
-    fused.load_state_dict(reference.state_dict())
-    decoder = CapturedDecoder(fused, max_batch=max(batches))
+    models = {impl: like(reference, impl) for impl in GPU_IMPLS}
+    decoders = {impl: CapturedDecoder(model, max_batch=max(batches)) for impl, model in models.items()}
     rows = []
     for batch in batches:
         tokens = torch.randint(0, config.vocab_size, (batch,), device=device)
-        state = decoder.pool.rows(slice(0, batch))
-        row = {"batch": batch,
-               "reference_eager_ms": _ms_per_call(lambda: reference.step(tokens, state), iters=20),
-               "fused_eager_ms": _ms_per_call(lambda: fused.step(tokens, state), iters=20),
-               "fused_graph_ms": _ms_per_call(lambda: decoder.step(tokens), iters=200)}
-        row["graph_tokens_per_s"] = batch * 1000.0 / row["fused_graph_ms"]
+        state = decoders["fused"].pool.rows(slice(0, batch))
+        row = {"batch": batch, "reference_eager_ms": _ms_per_call(lambda: reference.step(tokens, state), iters=20)}
+        for impl, model in models.items():
+            row[f"{impl}_eager_ms"] = _ms_per_call(lambda: model.step(tokens, state), iters=20)
+            row[f"{impl}_graph_ms"] = _ms_per_call(lambda: decoders[impl].step(tokens), iters=200)
+            row[f"{impl}_graph_tokens_per_s"] = batch * 1000.0 / row[f"{impl}_graph_ms"]
         rows.append(row)
     return rows
 
@@ -206,8 +327,13 @@ def environment() -> dict[str, str]:
     }
 
 
+STEP_COLUMNS = ("decode_logits", "decode_logits_worst_step", "final_conv", "final_ssm", "decode_top1_agreement",
+                "unused_rows_changed")
+
+
 def to_markdown(env: dict[str, str], cases: dict[str, dict[str, dict[str, float]]],
-                timings: list[dict[str, float]] | None = None) -> str:
+                timings: list[dict[str, float]] | None = None,
+                steps: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
     lines = ["Device: " + env["device"] + "; " +
              ", ".join(f"{k} {v}" for k, v in env.items() if k != "device"), ""]
     cols = ["prefill_logits", "prefill_conv", "prefill_ssm", "decode_logits", "decode_logits_worst_step",
@@ -219,12 +345,23 @@ def to_markdown(env: dict[str, str], cases: dict[str, dict[str, dict[str, float]
             cells = ["-" if c not in errs else f"{errs[c]:.4f}" if c == "decode_top1_agreement"
                      else f"{errs[c]:.2e}" for c in cols]
             lines.append(f"| {case} | {name} | " + " | ".join(cells) + " |")
+    if steps:
+        lines += ["", "| case | batch, path | " + " | ".join(STEP_COLUMNS) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in STEP_COLUMNS) + " |"]
+        for case, comparisons in steps.items():
+            for name, errs in comparisons.items():
+                cells = ["-" if c not in errs else f"{errs[c]:.4f}" if c == "decode_top1_agreement"
+                         else f"{errs[c]:.2e}" for c in STEP_COLUMNS]
+                lines.append(f"| {case} | {name} | " + " | ".join(cells) + " |")
     if timings:
-        lines += ["", "| batch | reference eager ms/step | fused eager ms/step | fused graph ms/step | graph tokens/s |",
-                  "| --- | --- | --- | --- | --- |"]
+        impls = [k.removesuffix("_graph_ms") for k in timings[0] if k.endswith("_graph_ms")]
+        lines += ["", "| batch | reference eager ms/step | " +
+                  " | ".join(f"{i} eager ms/step | {i} graph ms/step | {i} graph tokens/s" for i in impls) + " |",
+                  "| --- | --- | " + " | ".join("--- | --- | ---" for _ in impls) + " |"]
         for row in timings:
-            lines.append(f"| {row['batch']} | {row['reference_eager_ms']:.2f} | {row['fused_eager_ms']:.2f} | "
-                         f"{row['fused_graph_ms']:.3f} | {row['graph_tokens_per_s']:,.0f} |")
+            lines.append(f"| {row['batch']} | {row['reference_eager_ms']:.2f} | " + " | ".join(
+                f"{row[f'{i}_eager_ms']:.2f} | {row[f'{i}_graph_ms']:.3f} | {row[f'{i}_graph_tokens_per_s']:,.0f}"
+                for i in impls) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +369,8 @@ def write_results(out: Path, name: str, payload: dict) -> None:
     """`<name>.json` (everything) and `<name>.md` (the tables) under out."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / f"{name}.md").write_text(to_markdown(payload["environment"], payload["cases"], payload.get("timings")))
+    (out / f"{name}.md").write_text(to_markdown(payload["environment"], payload.get("cases", {}),
+                                                 payload.get("timings"), payload.get("steps")))
 
 
 def main() -> None:
@@ -242,12 +380,13 @@ def main() -> None:
     args = parser.parse_args()
     payload = {"environment": environment(),
                "cases": {case.name: measure(case) for case in (BF16_CASE, FP32_CASE)},
+               "steps": {case.name: measure_steps(case) for case in STEP_CASES},
                "case_settings": {c.name: {k: str(v) for k, v in dataclasses.asdict(c).items() if k != "config"}
-                                 for c in (BF16_CASE, FP32_CASE)}}
+                                 for c in (BF16_CASE, FP32_CASE, *STEP_CASES)}}
     if not args.no_timing:
         payload["timings"] = time_steps()
     write_results(args.out, "parity", payload)
-    print(to_markdown(payload["environment"], payload["cases"], payload.get("timings")))
+    print(to_markdown(payload["environment"], payload["cases"], payload.get("timings"), payload["steps"]))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The engine on the GPU (fused backbone, captured decode and prefill graphs, on-device sampling,
-planners on their own stream or riding in the decode step), against the reference backbone.
+"""The engine on the GPU (each GPU backbone: fused, and fused_step whose decode step is this project's
+kernels; captured decode and prefill graphs, on-device sampling, planners on their own stream or riding
+in the decode step), against the reference backbone.
 
 Greedy tokens are checked by teacher forcing: the reference (fp32, same bf16-rounded weights) reads the
 engine's own tokens, and at every position the engine's token must be the reference's argmax unless the
@@ -11,7 +12,7 @@ import asyncio
 import pytest
 import torch
 
-from crsm_core.backbone import build_backbone, fused_available
+from crsm_core.backbone import GPU_IMPLS, build_backbone, fused_available
 from crsm_core.backbone.graphs import CapturedPrefill
 from crsm_core.config import MambaConfig
 from crsm_core.deliberation import DeliberationConfig
@@ -36,10 +37,10 @@ class IdTokenizer(ByteTokenizer):
     eos_id = -1
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=GPU_IMPLS)
+def models(request):
     torch.manual_seed(0)
-    fused = build_backbone(CONFIG, "cuda", torch.bfloat16, impl="fused")
+    fused = build_backbone(CONFIG, "cuda", torch.bfloat16, impl=request.param)
     reference = build_backbone(CONFIG, "cuda", torch.float32, impl="reference")
     reference.load_state_dict({k: v.float() for k, v in fused.state_dict().items()})
     return fused, reference

@@ -1,5 +1,6 @@
-"""Fused backbone (mamba_ssm Triton kernels, eager and graph-captured) against the reference on the
-GPU: the 129M model in bf16 (512-token prefill, 256 decode steps) and a small model in fp32.
+"""The GPU backbones (fused: mamba_ssm's Triton kernels; fused_step: its prefill and this project's
+decode-step kernels), eager and graph-captured, against the reference on the GPU: the 129M model in
+bf16 (512-token prefill, 256 decode steps) and a small model in fp32.
 
 With OUT set, the measured errors are written to $OUT/parity.{json,md}; step timings are measured by
 `python scripts/gpu_parity.py --out DIR` (not here: they take minutes and assert nothing).
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from crsm_core.backbone import fused_available
+from crsm_core.backbone import GPU_IMPLS, fused_available
 from scripts.gpu_parity import BF16_CASE, FP32_CASE, environment, measure, write_results
 
 pytestmark = [pytest.mark.cuda,
@@ -42,9 +43,10 @@ def results():
     return payload
 
 
-@pytest.mark.parametrize("path", ["fused_eager_vs_reference", "fused_graph_vs_reference"])
-def test_bf16_129m_fused_matches_reference(results, path):
-    errs = results["cases"][BF16_CASE.name][path]
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("path", ["eager_vs_reference", "graph_vs_reference"])
+def test_bf16_129m_fused_matches_reference(results, impl, path):
+    errs = results["cases"][BF16_CASE.name][f"{impl}_{path}"]
     for key in ("prefill_logits", "decode_logits", "decode_logits_worst_step"):
         assert errs[key] <= BF16_LOGITS, (key, errs)
     for key in ("prefill_conv", "prefill_ssm", "final_conv", "final_ssm"):
@@ -52,16 +54,18 @@ def test_bf16_129m_fused_matches_reference(results, path):
     assert errs["decode_top1_agreement"] >= BF16_TOP1, errs
 
 
-def test_bf16_fused_is_no_further_from_fp32_than_the_reference(results):
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_bf16_fused_is_no_further_from_fp32_than_the_reference(results, impl):
     # Both bf16 backbones deviate from fp32 arithmetic; the fused one by no more than ~1.5x the reference.
     errs = results["cases"][BF16_CASE.name]
     for key in ("prefill_logits", "decode_logits", "final_ssm"):
-        assert errs["fused_graph_vs_fp32"][key] <= 1.5 * errs["reference_vs_fp32"][key], key
+        assert errs[f"{impl}_graph_vs_fp32"][key] <= 1.5 * errs["reference_vs_fp32"][key], key
 
 
-@pytest.mark.parametrize("path", ["fused_eager_vs_reference", "fused_graph_vs_reference"])
-def test_fp32_fused_matches_reference_across_a_split_prefill(results, path):
-    errs = results["cases"][FP32_CASE.name][path]
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("path", ["eager_vs_reference", "graph_vs_reference"])
+def test_fp32_fused_matches_reference_across_a_split_prefill(results, impl, path):
+    errs = results["cases"][FP32_CASE.name][f"{impl}_{path}"]
     assert errs["prefill_logits"] <= FP32_PREFILL_LOGITS, errs
     for key in ("prefill_conv", "prefill_ssm"):
         assert errs[key] <= FP32_PREFILL_STATE, (key, errs)
@@ -69,7 +73,8 @@ def test_fp32_fused_matches_reference_across_a_split_prefill(results, path):
         assert errs[key] <= FP32_STEP, (key, errs)
 
 
-def test_fp32_graph_steps_alone_match_the_reference_step(results):
-    errs = results["cases"][FP32_CASE.name]["fused_graph_steps_only_vs_reference"]
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_fp32_graph_steps_alone_match_the_reference_step(results, impl):
+    errs = results["cases"][FP32_CASE.name][f"{impl}_graph_steps_only_vs_reference"]
     for key in ("decode_logits", "final_conv", "final_ssm"):
         assert errs[key] <= FP32_STEPS_ONLY, (key, errs)
