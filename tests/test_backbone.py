@@ -69,3 +69,26 @@ def test_prefill_returns_last_position_and_training_forward_keeps_no_state(model
     assert last.shape == (1, model.config.vocab_size)
     assert rel(last, full[:, -1]) <= 1e-6
     assert state.ssm.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_step_rows_steps_the_chosen_rows_of_a_pool(model):
+    # By row index: entries 0 and 2 read the same row and write two others; rows neither read nor
+    # written keep their bits; in place (no dst_rows) it is a step of those rows.
+    pool = model.allocate_state(6)
+    model(torch.randint(0, 256, (6, 9)), pool)
+    src, dst = torch.tensor([4, 1, 4]), torch.tensor([0, 5, 2])
+    tokens = torch.randint(0, 256, (3,))
+    stepped = pool.gather(src)
+    want = model.step(tokens, stepped)
+    got_pool = pool.clone()
+    got = model.step_rows(tokens, got_pool, src, dst)
+    assert torch.equal(got, want)
+    assert torch.equal(got_pool.gather(dst).ssm, stepped.ssm) and torch.equal(got_pool.gather(dst).conv, stepped.conv)
+    for row in (1, 3, 4):
+        assert torch.equal(got_pool.gather([row]).ssm, pool.gather([row]).ssm)
+    in_place = pool.clone()
+    model.step_rows(tokens[:2], in_place, src[:2])
+    assert torch.equal(in_place.gather(src[:2]).ssm, stepped.gather([0, 1]).ssm)
+    with pytest.raises(ValueError, match="must match the tokens"):
+        model.step_rows(tokens, pool, src[:2])
