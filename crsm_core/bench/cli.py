@@ -1,4 +1,5 @@
-"""`crsm bench --out DIR [--quick] [--sections ...] [--tokens N] [--device ...] [--docs PATH | --no-docs]`."""
+"""`crsm bench --out DIR [--quick] [--sections ...] [--tokens N] [--device ...] [--backbones ...]
+[--docs PATH | --no-docs]`."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .settings import DEFAULT_DOCS, DEVICES, SECTIONS, BenchSettings, SettingsError
+from .settings import BACKBONES, DEFAULT_BACKBONES, DEFAULT_DOCS, DEVICES, SECTIONS, BenchSettings, SettingsError
 
 log = logging.getLogger(__name__)
 LOG_FILE = "bench.log"
@@ -16,7 +17,8 @@ LOG_FILE = "bench.log"
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings.create(args.out, quick=args.quick, device=args.device, tokens=args.tokens,
                                 sections=tuple(args.sections) if args.sections else None,
-                                docs=None if args.no_docs else args.docs)
+                                docs=None if args.no_docs else args.docs,
+                                backbones=tuple(args.backbones) if args.backbones else None)
 
 
 def command_line(settings: BenchSettings) -> str:
@@ -26,6 +28,8 @@ def command_line(settings: BenchSettings) -> str:
     if set(settings.sections) != set(SECTIONS):
         parts.append("--sections " + " ".join(settings.sections))
     parts += [f"--tokens {settings.tokens}", f"--device {settings.device}"] + (["--quick"] if settings.quick else [])
+    if settings.backbones != DEFAULT_BACKBONES[settings.device]:
+        parts.append("--backbones " + " ".join(settings.backbones))
     return " ".join(parts)
 
 
@@ -70,4 +74,7 @@ def register(subparsers: argparse._SubParsersAction, more_sections: SectionsLoad
     p.add_argument("--tokens", type=int, default=None, help="new tokens per session (default 256; --quick 24)")
     p.add_argument("--quick", action="store_true", help="tiny model, fp32, CPU: a smoke run in seconds")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--backbones", nargs="+", choices=BACKBONES, default=None,
+                   help="backbones of the engine section, the first also every other section's "
+                        "(default: fused_step fused on CUDA, reference on the CPU)")
     p.set_defaults(func=functools.partial(_bench, more_sections=more_sections))

@@ -1,8 +1,10 @@
-"""Section "engine": the batched engine without HTTP, at 1, 16 and 64 concurrent sessions.
+"""Section "engine": the batched engine without HTTP, at 1, 16 and 64 concurrent sessions, on each of
+`settings.backbones` in turn (same weights), with the bandwidth each step uses.
 
 Each session streams `tokens` tokens after a short random prompt (ignore_eos, so every session runs to
 its length). Token timestamps are the engine's own (`Session.token_times`, taken in the generator
-thread when the token is chosen), so the numbers are the engine's, not the event loop's.
+thread when the token is chosen), so the numbers are the engine's, not the event loop's. Bandwidth:
+bench/bandwidth.py, against a device-to-device copy measured at the start of the section.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import torch
 from ..deliberation import DeliberationConfig
 from ..engine import Completion, Engine, EngineConfig, GenerationRequest, Session
 from ..sampling import SamplingParams
-from .results import EngineResult, StreamRun
+from ..backbone import MambaLM
+from .bandwidth import copy_bandwidth_gbs, rows_stepped, step_bytes
+from .results import BackboneRuns, EngineResult, StepTraffic, StreamRun
 from .settings import BenchSettings
 from .stats import LatencyStats, pooled_gaps, steady_tokens_per_s
 from .workload import Workload
@@ -88,26 +92,46 @@ async def warm_up(engine: Engine, workload: Workload, deliberation: Deliberation
     await run_sessions(engine, requests_for(workload, 1, tokens, GREEDY, salt=9002, deliberation=deliberation))
 
 
-async def _engine_section(workload: Workload) -> EngineResult:
+def traffic(model: MambaLM, run: StreamRun, max_sessions: int, copy_gb_per_s: float) -> StepTraffic:
+    rows = rows_stepped(run.streams, max_sessions, model.device)
+    moved = step_bytes(model, rows)
+    gb_per_s = moved / (run.itl.p50_ms / 1e3) / 1e9
+    return StepTraffic(rows=rows, bytes_per_step=moved, gb_per_s=gb_per_s, share_of_copy=gb_per_s / copy_gb_per_s)
+
+
+async def backbone_runs(workload: Workload, model: MambaLM, impl: str, copy_gb_per_s: float) -> BackboneRuns:
     s = workload.settings
-    config = engine_config(s)
-    engine = Engine(workload.backbone, workload.tokenizer, config)  # on CUDA: captures the decode graphs
+    engine = Engine(model, workload.tokenizer, engine_config(s))  # on CUDA: captures the decode graphs
     engine.start()
     runs: list[StreamRun] = []
     try:
-        log.info("engine: warm-up")
+        log.info("engine (%s): warm-up", impl)
         await warm_up(engine, workload)
         plan = [(n, "greedy", GREEDY) for n in s.concurrency] + \
                [(max(s.concurrency), "temperature 1", SamplingParams(temperature=1.0))]
         for salt, (n, label, sampling) in enumerate(plan):
             measured = await run_sessions(engine, requests_for(workload, n, s.tokens, sampling, salt=salt))
             run = stream_run(label, measured, s.warmup_gaps)
-            log.info("engine: %d sessions, %s: ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", n, label,
+            log.info("engine (%s): %d sessions, %s: ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", impl, n, label,
                      run.itl.p50_ms, run.itl.p99_ms, run.tokens_per_s)
             runs.append(run)
     finally:
         await engine.shutdown()
-    return EngineResult(engine_config=asdict(config), runs=runs)
+    return BackboneRuns(backbone=impl, runs=runs,
+                        traffic=[traffic(model, r, s.max_sessions, copy_gb_per_s) for r in runs])
+
+
+async def _engine_section(workload: Workload) -> EngineResult:
+    s = workload.settings
+    copy_gb_per_s = copy_bandwidth_gbs(torch.device(s.device))
+    log.info("engine: device-to-device copy %.0f GB/s (read + written)", copy_gb_per_s)
+    results = []
+    for impl in s.backbones:
+        model = workload.backbone_of(impl)
+        results.append(await backbone_runs(workload, model, impl, copy_gb_per_s))
+        del model
+        release_device_memory()
+    return EngineResult(engine_config=asdict(engine_config(s)), copy_gb_per_s=copy_gb_per_s, backbones=results)
 
 
 def engine_section(workload: Workload) -> EngineResult:

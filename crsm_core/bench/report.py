@@ -72,7 +72,8 @@ def _meta_lines(run: BenchRun) -> list[str]:
         f"- Model: d_model {model['d_model']}, {model['n_layer']} layers, vocab {model['vocab_size']} (padded to "
         f"{model['padded_vocab_size']}), d_state {model['d_state']}, headdim {model['headdim']}, expand "
         f"{model['expand']}, ngroups {model['ngroups']}, chunk {model['chunk_size']}; "
-        f"{_millions(model['parameters'])} parameters, random weights, {s['dtype']}, {model['backbone']} backbone",
+        f"{_millions(model['parameters'])} parameters, random weights, {s['dtype']}, {model['backbone']} backbone" +
+        (f" (the engine section also on {', '.join(s['backbones'][1:])})" if len(s["backbones"]) > 1 else ""),
         f"- Workload: every session a random {s['prompt_tokens']}-token prompt, {s['tokens']} new tokens "
         f"(ignore_eos), greedy unless said; ITL percentiles pool every session's gaps after its first "
         f"{s['warmup_gaps']}; tokens/s counts all sessions over the window where all of them are past that "
@@ -91,13 +92,25 @@ def _targets(run: BenchRun) -> list[str]:
 
 
 def _engine(run: BenchRun) -> list[str]:
-    header = ["sessions", "sampling", "ITL p50 (ms)", "ITL p99 (ms)", "tokens/s", "tokens"]
+    header = ["backbone", "sessions", "sampling", "ITL p50 (ms)", "ITL p99 (ms)", "tokens/s", "tokens",
+              "bandwidth used (GB/s, % of copy)"]
     outcome = run.sections.get("engine")
     if (missing := _missing_table(outcome, header)) is not None:
         return missing
     result: EngineResult = outcome.result
-    return _table(header, ([str(r.streams), r.label, _ms(r.itl.p50_ms), _ms(r.itl.p99_ms), _rate(r.tokens_per_s),
-                            f"{r.streams} x {r.tokens_per_stream}"] for r in result.runs))
+    rows = ([b.backbone, str(r.streams), r.label, _ms(r.itl.p50_ms), _ms(r.itl.p99_ms), _rate(r.tokens_per_s),
+             f"{r.streams} x {r.tokens_per_stream}", f"{t.gb_per_s:,.0f} ({t.share_of_copy:.0%})"]
+            for b in result.backbones for r, t in zip(b.runs, b.traffic))
+    return _table(header, rows) + [
+        "", f"Bandwidth used: the bytes a step must move (every weight read once, each of the step's state rows, "
+            f"the graph bucket's, read and written; {_bytes_note(result)}) over the ITL p50, against this "
+            f"device's device-to-device copy in the same run: {result.copy_gb_per_s:,.0f} GB/s read + written."]
+
+
+def _bytes_note(result: EngineResult) -> str:
+    first = result.backbones[0]
+    sizes = sorted({(t.rows, t.bytes_per_step) for t in first.traffic})
+    return ", ".join(f"{rows} row{'s' if rows > 1 else ''}: {moved / 1e6:,.0f} MB" for rows, moved in sizes)
 
 
 def _baselines(run: BenchRun) -> list[str]:
@@ -105,8 +118,8 @@ def _baselines(run: BenchRun) -> list[str]:
     rows: list[list[str]] = []
     engine = run.sections.get("engine")
     if engine is not None and engine.status == "ok":
-        rows += [["crsm engine", str(r.streams), _ms(r.itl.p50_ms), _ms(r.itl.p99_ms), _rate(r.tokens_per_s), "-"]
-                 for r in engine.result.runs if r.label == "greedy"]
+        rows += [[f"crsm engine ({b.backbone})", str(r.streams), _ms(r.itl.p50_ms), _ms(r.itl.p99_ms),
+                  _rate(r.tokens_per_s), "-"] for b in engine.result.backbones for r in b.runs if r.label == "greedy"]
     outcome = run.sections.get("baselines")
     # a section whose backends were all skipped still lists them, each with its reason
     missing = None if outcome is not None and outcome.result is not None else _not_ok(outcome, len(header))
@@ -179,7 +192,8 @@ def _http(run: BenchRun) -> list[str]:
 def render_markdown(run: BenchRun) -> str:
     lines = ["### Latest run", "", *_meta_lines(run), "", "#### Targets", "", *_targets(run),
              "", "#### Engine, no HTTP", "",
-             "Sessions submitted together to `Engine` (no deliberation); timestamps from the generator thread.", "",
+             "Sessions submitted together to `Engine` (no deliberation), on each backbone in turn (same "
+             "weights); timestamps from the generator thread.", "",
              *_engine(run), "", "#### Against mamba_ssm's and transformers' generate", "",
              "Same config and weights; per-token timestamps from a streamer that synchronises the GPU at each "
              "token. Every row of a batch gets its token at the same step, so batch = concurrent streams.", "",
@@ -214,7 +228,8 @@ def write_plot(path: Path, run: BenchRun) -> bool:
     series: dict[str, list[StreamRun]] = {}
     engine = run.sections.get("engine")
     if engine is not None and engine.status == "ok":
-        series["crsm engine"] = [r for r in engine.result.runs if r.label == "greedy"]
+        for b in engine.result.backbones:
+            series[f"crsm engine ({b.backbone})"] = [r for r in b.runs if r.label == "greedy"]
     baselines = run.sections.get("baselines")
     if baselines is not None and baselines.status == "ok":
         for b in baselines.result.backends:

@@ -30,9 +30,32 @@ class StreamRun:
 
 
 @dataclass(frozen=True)
+class StepTraffic:
+    """What one decode step of a run moves, against the step time (bench/bandwidth.py)."""
+    rows: int                  # state rows the step advances (the graph bucket on CUDA)
+    bytes_per_step: int        # weights read once + each row's state read and written
+    gb_per_s: float            # bytes_per_step / ITL p50
+    share_of_copy: float       # gb_per_s / the device's measured copy bandwidth
+
+
+@dataclass(frozen=True)
+class BackboneRuns:
+    """The engine's runs on one backbone implementation (backbone/__init__.py IMPLS)."""
+    backbone: str
+    runs: list[StreamRun]
+    traffic: list[StepTraffic]   # one per run
+
+
+@dataclass(frozen=True)
 class EngineResult:
     engine_config: dict[str, Any]
-    runs: list[StreamRun]
+    copy_gb_per_s: float             # device-to-device copy, bytes read + written per second
+    backbones: list[BackboneRuns]    # the run's backbone (every section's) first, then the compared ones
+
+    @property
+    def runs(self) -> list[StreamRun]:
+        """The runs of the run's own backbone."""
+        return self.backbones[0].runs
 
 
 @dataclass(frozen=True)

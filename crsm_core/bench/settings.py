@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DOCS = REPO / "docs" / "benchmarks.md"
 SECTIONS = ("engine", "baselines", "deliberation", "http")
 DEVICES = ("auto", "cpu", "cuda")
+BACKBONES = ("reference", "fused", "fused_step")
+# The engine section's backbones by device: the first is every section's, the others are compared with it.
+DEFAULT_BACKBONES = {"cuda": ("fused_step", "fused"), "cpu": ("reference",)}
 
 
 class SettingsError(ValueError):
@@ -33,6 +36,7 @@ class BenchSettings:
     sections: tuple[str, ...] = SECTIONS
     quick: bool = False                       # tiny model, fp32, CPU: the CI's run
     device: str = "cuda"                      # resolved: "cpu" or "cuda" (see `create`)
+    backbones: tuple[str, ...] = DEFAULT_BACKBONES["cuda"]   # see DEFAULT_BACKBONES
     tokens: int = 256                         # max_tokens of every measured session
     warmup_gaps: int = 8                      # first gaps of each session left out of the ITL numbers
     prompt_tokens: int = 16                   # random prompt of every measured session
@@ -56,6 +60,11 @@ class BenchSettings:
             raise SettingsError(f"device must be resolved to 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not _cuda_available():
             raise SettingsError("--device cuda, but no CUDA device is available")
+        if not self.backbones or len(set(self.backbones)) != len(self.backbones) or \
+                any(b not in BACKBONES for b in self.backbones):
+            raise SettingsError(f"backbones must be distinct names of {BACKBONES}, got {list(self.backbones)}")
+        if self.device == "cpu" and self.backbones != ("reference",):
+            raise SettingsError(f"on the CPU the only backbone is the reference, got {list(self.backbones)}")
         # ITLs need at least two gaps per session after the warm-up ones.
         for name in ("tokens", "hf_tokens", "deliberation_tokens"):
             if getattr(self, name) < self.warmup_gaps + 3:
@@ -74,15 +83,18 @@ class BenchSettings:
 
     @classmethod
     def create(cls, out: Path, *, quick: bool = False, device: str = "auto", tokens: int | None = None,
-               sections: tuple[str, ...] | None = None, docs: Path | None = DEFAULT_DOCS) -> "BenchSettings":
+               sections: tuple[str, ...] | None = None, docs: Path | None = DEFAULT_DOCS,
+               backbones: tuple[str, ...] | None = None) -> "BenchSettings":
         """The defaults of a full (GPU) or `--quick` (CPU, tiny model) run, with the given overrides.
 
-        device "auto": CUDA when available, except with `quick`, whose tiny model runs on the CPU."""
+        device "auto": CUDA when available, except with `quick`, whose tiny model runs on the CPU.
+        backbones: default DEFAULT_BACKBONES of the device."""
         if device not in DEVICES:
             raise SettingsError(f"device must be one of {DEVICES}, got {device!r}")
         if device == "auto":
             device = "cpu" if quick or not _cuda_available() else "cuda"
-        values: dict[str, Any] = dict(out=Path(out), docs=docs, quick=quick, device=device)
+        values: dict[str, Any] = dict(out=Path(out), docs=docs, quick=quick, device=device,
+                                      backbones=tuple(backbones) if backbones else DEFAULT_BACKBONES[device])
         if quick:
             # A few tokens per session, but enough that a light planner finishes some plans.
             values.update(tokens=24, warmup_gaps=2, hf_tokens=24, deliberation_tokens=24)

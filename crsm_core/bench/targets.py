@@ -1,7 +1,8 @@
-"""The goals of issue 5, checked against a run's results.
+"""The goals of issues 5 and 17, checked against a run's results.
 
 Each target names where its number comes from; a section that failed or was not run leaves its targets
-"not measured" rather than missed.
+"not measured" rather than missed. Engine numbers are those of the run's own backbone (the first of
+`--backbones`); "vs mamba_ssm" divides them by mamba_ssm's generate in the same run.
 """
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..engine_config import PLANNER_MODES
-from .results import BenchRun, DeliberationResult, EngineResult, HttpResult, TargetCheck
+from .results import BaselinesResult, BenchRun, DeliberationResult, EngineResult, HttpResult, StreamRun, TargetCheck
+
+# Issue 17: planner state-steps/s of a 16-session plan alone at least twice those measured before it (9,227).
+PLANS_ALONE_BEFORE = 9_227
 
 
 @dataclass(frozen=True)
@@ -54,20 +58,43 @@ def _greedy(result: EngineResult | None, sessions: int):
     return next((r for r in result.runs if r.streams == sessions and r.label == "greedy"), None)
 
 
+def _mamba_ssm(run: BenchRun, batch: int) -> StreamRun | None:
+    outcome = run.sections.get("baselines")
+    if outcome is None or outcome.result is None:
+        return None
+    result: BaselinesResult = outcome.result
+    backend = next((b for b in result.backends if b.backend == "mamba_ssm" and b.status == "ok"), None)
+    return None if backend is None else next((r for r in backend.runs if r.streams == batch), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
 def evaluate_targets(run: BenchRun) -> list[TargetCheck]:
     checks: list[TargetCheck] = []
     engine = _engine(run)
     one = _greedy(engine, 1)
-    checks.append(Target("engine ITL p50, 1 session", "ms", 1.3, at_most=True).check(one and one.itl.p50_ms))
+    one_ms = one and one.itl.p50_ms
+    checks.append(Target("engine ITL p50, 1 session", "ms", 0.55, at_most=True).check(one_ms))
+    mamba_one = _mamba_ssm(run, 1)
+    checks.append(Target("engine ITL p50, 1 session, vs mamba_ssm generate", "x", 0.5, at_most=True)
+                  .check(_ratio(one_ms, mamba_one and mamba_one.itl.p50_ms)))
     most = max(run.settings["concurrency"])
     full = _greedy(engine, most)
-    checks.append(Target(f"engine throughput, {most} sessions", "tokens/s", 20_000, at_most=False)
-                  .check(full and full.tokens_per_s))
+    full_rate = full and full.tokens_per_s
+    checks.append(Target(f"engine throughput, {most} sessions", "tokens/s", 20_000, at_most=False).check(full_rate))
+    mamba_full = _mamba_ssm(run, most)
+    checks.append(Target(f"engine throughput, {most} sessions, vs mamba_ssm generate", "x", 1.5, at_most=False)
+                  .check(_ratio(full_rate, mamba_full and mamba_full.tokens_per_s)))
 
     outcome = run.sections.get("deliberation")
     deliberation: DeliberationResult | None = outcome.result if outcome is not None and outcome.status == "ok" \
         else None
     largest = max(run.settings["deliberation_concurrency"])
+    alone = None if deliberation is None else next((a for a in deliberation.plans_alone if a.roots == largest), None)
+    checks.append(Target(f"plans alone, {largest} sessions: state-steps/s", "/s", 2 * PLANS_ALONE_BEFORE,
+                         at_most=False).check(alone and alone.state_steps_per_s))
     for mode in PLANNER_MODES:
         row = None if deliberation is None else next(
             (r for r in deliberation.rows if r.planner_mode == mode and r.sessions == largest), None)

@@ -1,8 +1,9 @@
 """The model, prompts and tokenizer every section measures with.
 
 Full run: mamba2-130m's shape (d_model 768, 24 layers, vocab 50277 padded to a multiple of 16 = 50288,
-d_state 128, headdim 64, expand 2, ngroups 1, chunk 256), random weights, bf16, the fused backbone on
-CUDA. `--quick`: crsm_core.config's tiny config, fp32, the reference backbone on the CPU.
+d_state 128, headdim 64, expand 2, ngroups 1, chunk 256), random weights, bf16, the first of
+`settings.backbones` on CUDA (fused_step by default). `--quick`: crsm_core.config's tiny config, fp32,
+the reference backbone on the CPU.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ class Workload:
 
     @property
     def impl(self) -> str:
-        return "fused" if self.settings.device == "cuda" else "reference"
+        """The backbone every section runs (the engine section compares the others with it)."""
+        return self.settings.backbones[0]
 
     @property
     def backbone(self) -> MambaLM:
@@ -92,6 +94,14 @@ class Workload:
             log.info("backbone: %s, %.1fM parameters, %s on %s", self.impl, self._backbone.num_parameters() / 1e6,
                      self.settings.dtype, self.settings.device)
         return self._backbone
+
+    def backbone_of(self, impl: str) -> MambaLM:
+        """A backbone of `impl` holding the shared backbone's weights (the shared one for its own impl)."""
+        if impl == self.impl:
+            return self.backbone
+        model = build_backbone(self.config, self.settings.device, dtype=self.settings.dtype, impl=impl)
+        model.load_state_dict(self.backbone.state_dict())
+        return model
 
     @property
     def built_backbone(self) -> MambaLM | None:
