@@ -14,6 +14,7 @@ engine's path), and by row index (`step_rows` over a pool of 2B + 1 rows, eager 
 planner's path), the rows the batch does not use checked untouched.
 
     python scripts/gpu_parity.py [--out DIR]     # writes parity.json and parity.md (default: $OUT)
+    python scripts/gpu_parity.py --timing-only   # the step timings alone (the tests make the rest)
 
 tests/gpu/test_fused.py and tests/gpu/test_step_kernels_gpu.py run the same measurements and assert on them.
 """
@@ -376,8 +377,15 @@ def write_results(out: Path, name: str, payload: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu_parity")))
-    parser.add_argument("--no-timing", action="store_true")
+    timing = parser.add_mutually_exclusive_group()
+    timing.add_argument("--no-timing", action="store_true")
+    timing.add_argument("--timing-only", action="store_true")
     args = parser.parse_args()
+    if args.timing_only:
+        payload = {"environment": environment(), "timings": time_steps()}
+        write_results(args.out, "timing", payload)
+        print(to_markdown(payload["environment"], {}, payload["timings"]))
+        return
     payload = {"environment": environment(),
                "cases": {case.name: measure(case) for case in (BF16_CASE, FP32_CASE)},
                "steps": {case.name: measure_steps(case) for case in STEP_CASES},
