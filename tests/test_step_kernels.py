@@ -35,11 +35,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def pair(dtype: torch.dtype, groups: int = 1, d_conv: int = 4):
+def pair(dtype: torch.dtype, groups: int = 1, d_conv: int = 4, d_model: int = 64):
     """(reference, step-kernel model) with the same weights, 2 layers."""
     torch.manual_seed(0)
-    config = tiny_config(n_layer=2, ssm_cfg=SSMConfig(d_state=16, headdim=16, ngroups=groups, d_conv=d_conv,
-                                                       chunk_size=16))
+    config = tiny_config(n_layer=2, d_model=d_model,
+                         ssm_cfg=SSMConfig(d_state=16, headdim=16, ngroups=groups, d_conv=d_conv, chunk_size=16))
     reference = MambaLM(config).eval().to(dtype)
     fast = MambaLM(config, STEP_KERNELS).eval().to(dtype)
     fast.load_state_dict(reference.state_dict())
@@ -62,6 +62,21 @@ def test_steps_follow_the_reference(dtype, bound, batch):
         assert rel(logits, expected) <= bound
     assert rel(got.ssm, want.ssm) <= bound
     assert rel(got.conv, want.conv) <= bound
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@torch.no_grad()
+def test_gemv_blocks_past_the_end_of_k_are_masked(groups):
+    # d_model 48, d_inner 96: the GEMV's one K block (64, 128) runs past the end of in_proj's and
+    # out_proj's rows, as at the 129M model's 768 and 1536; with 2 groups out_proj's blocks are 16 wide
+    reference, fast = pair(torch.float32, groups, d_model=48)
+    want = reference.allocate_state(1)
+    reference(torch.randint(0, 256, (1, 5)), want)
+    got = want.clone()
+    for _ in range(2):
+        tokens = torch.randint(0, 256, (1,))
+        assert rel(fast.step(tokens, got), reference.step(tokens, want)) <= FP32
+    assert rel(got.ssm, want.ssm) <= FP32 and rel(got.conv, want.conv) <= FP32
 
 
 @pytest.mark.parametrize("groups,d_conv", [(1, 4), (2, 3)])
@@ -111,8 +126,12 @@ def test_unsupported_configs_are_refused():
 
 
 def test_tiles_per_batch():
-    # one row: a GEMV over narrow column tiles; more rows: tl.dot tiles of at least 16 rows
-    assert step_kernels.proj_tiles(1, 768).block_m == 1
-    assert step_kernels.proj_tiles(3, 768).block_m == 16
-    assert step_kernels.proj_tiles(64, 768).block_m == 64
-    assert step_kernels.proj_tiles(80, 768).block_m == 64
+    # one row: a GEMV, the whole of K in one block; more rows: tl.dot tiles of at least 16 rows
+    gemv = step_kernels.proj_tiles(1, 3352, 768)
+    assert (gemv.block_m, gemv.block_n, gemv.block_k) == (1, 16, 1024)
+    assert step_kernels.proj_tiles(1, 768, 1536).block_n == 8          # out_proj: more, narrower programs
+    assert step_kernels.proj_tiles(3, 3352, 768).block_m == 16
+    assert step_kernels.proj_tiles(64, 3352, 768).block_m == 64
+    assert step_kernels.proj_tiles(80, 3352, 768).block_m == 64
+    # out_proj's K blocks never straddle two groups of the gated norm
+    assert step_kernels._group_block(1536, 1, 2048) == 2048 and step_kernels._group_block(768, 2, 2048) == 256

@@ -230,8 +230,8 @@ def _gated_proj_kernel(
         MODEL_BF16: tl.constexpr, RES_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
-    """res[m, n] += (groupwise rmsnorm(g[m]) @ w^T)[n]; g: [M, K] gated; w: [N, K]; BLOCK_K divides
-    group_size, so each block of K lies in one group."""
+    """res[m, n] += (groupwise rmsnorm(g[m]) @ w^T)[n]; g: [M, K] gated; w: [N, K]; each block of K
+    lies in one group (_group_block)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -244,7 +244,7 @@ def _gated_proj_kernel(
     ss = tl.zeros([BLOCK_M, BLOCK_G], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
-        a = tl.load(g_ptr + g_rows[:, None] + kk[None, :], mask=m_ok[:, None], other=0.0)
+        a = tl.load(g_ptr + g_rows[:, None] + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
         ss += tl.where(groups[None, :] == k0 // group_size, tl.sum(a * a, axis=1)[:, None], 0.0)
     rstd = tl.rsqrt(ss / group_size + eps)                      # [BLOCK_M, BLOCK_G]
 
@@ -252,11 +252,13 @@ def _gated_proj_kernel(
     w_rows = ns.to(tl.int64) * stride_w
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
-        a = tl.load(g_ptr + g_rows[:, None] + kk[None, :], mask=m_ok[:, None], other=0.0)
+        k_ok = kk < K
+        a = tl.load(g_ptr + g_rows[:, None] + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         r = tl.sum(tl.where(groups[None, :] == k0 // group_size, rstd, 0.0), axis=1)
-        norm_w = tl.load(norm_w_ptr + kk).to(tl.float32)
+        norm_w = tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
         a = _round(a * r[:, None] * norm_w[None, :], MODEL_BF16)
-        w = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
         acc = _accumulate(acc, a, w, BLOCK_M, DOT_PRECISION)
 
     out = _round(acc, MODEL_BF16)
@@ -277,12 +279,17 @@ class Tiles:
     num_warps: int
 
 
-def proj_tiles(m: int, k: int) -> Tiles:
-    """M = 1: a GEMV over 16-column tiles (enough programs to spread the weight reads over every SM);
-    M > 1: tl.dot tiles of 16..64 rows."""
+def proj_tiles(m: int, n: int, k: int) -> Tiles:
+    """Tiles of an [m, k] x [k, n] projection.
+
+    M = 1, a GEMV: memory latency, not bandwidth, bounds a 2-5 MB projection, so every program loads
+    its whole [BLOCK_N, K] slice of the weight at once (one K block), and the slices are narrow enough
+    for 100-200 programs. M > 1: tl.dot tiles of 16 to 64 rows over K blocks of 64, which Triton
+    pipelines; narrow column tiles again where N is small (out_proj: 768)."""
+    wide = n >= 2048
     if m == 1:
-        return Tiles(1, 16, min(256, triton.next_power_of_2(k)), 4)
-    return Tiles(min(64, max(16, triton.next_power_of_2(m))), 32 if m <= 16 else 64, 64, 4)
+        return Tiles(1, 16 if wide else 8, min(2048, triton.next_power_of_2(k)), 8)
+    return Tiles(min(64, max(16, triton.next_power_of_2(m))), 32 if wide else 16, 64, 4)
 
 
 def check_config(config: MambaConfig) -> None:
@@ -297,8 +304,11 @@ def check_config(config: MambaConfig) -> None:
                           f"got {config.d_inner // s.ngroups}")
 
 
-def _group_block(group_size: int, limit: int) -> int:
-    """The largest power of two <= limit that divides group_size (>= 16 by check_config)."""
+def _group_block(group_size: int, groups: int, limit: int) -> int:
+    """out_proj's K block: `limit` for one group (masked at the end), else the largest power of two
+    <= limit that divides group_size (>= 16 by check_config), so that no block straddles two groups."""
+    if groups == 1:
+        return limit
     block = limit
     while group_size % block:
         block //= 2
@@ -331,9 +341,10 @@ def decode_step(model, tokens: torch.Tensor, state: RecurrentState, src_rows: to
     rows = (src_rows, dst_rows) if has_rows else (tokens, tokens)           # unread without rows
     embedding = model.backbone.embedding.weight
 
-    t_in, t_out = proj_tiles(m, d_model), proj_tiles(m, e)
+    t_in, t_out, t_head = proj_tiles(m, d_in_proj, d_model), proj_tiles(m, d_model, e), \
+        proj_tiles(m, config.vocab_size, d_model)
     group_size = e // s.ngroups
-    out_block_k = _group_block(group_size, t_out.block_k)
+    out_block_k = _group_block(group_size, s.ngroups, t_out.block_k)
     block_p = min(16, triton.next_power_of_2(s.headdim))
     ssm_grid = (m, heads, triton.cdiv(s.headdim, block_p))
     for i, block in enumerate(model.backbone.layers):
@@ -363,12 +374,12 @@ def decode_step(model, tokens: torch.Tensor, state: RecurrentState, src_rows: to
             BLOCK_M=t_out.block_m, BLOCK_N=t_out.block_n, BLOCK_K=out_block_k,
             BLOCK_G=max(2, triton.next_power_of_2(s.ngroups)), DOT_PRECISION=precision, num_warps=t_out.num_warps)
     head, norm_f = model.lm_head.weight, model.backbone.norm_f
-    _rms_proj_kernel[(triton.cdiv(m, t_in.block_m), triton.cdiv(config.vocab_size, t_in.block_n))](
+    _rms_proj_kernel[(triton.cdiv(m, t_head.block_m), triton.cdiv(config.vocab_size, t_head.block_n))](
         residual, residual.stride(0), tokens, norm_f.weight, head, head.stride(0), logits, logits.stride(0),
         residual, residual.stride(0), head, head, head, head, tokens, tokens, 0, 0, 0,
         m, config.vocab_size, norm_f.eps, 0, 0, K=d_model,
         FROM_EMBEDDING=False, CONV=False, HAS_ROWS=False, D_CONV=s.d_conv, MODEL_BF16=model_bf16,
         STATE_BF16=False,
-        BLOCK_M=t_in.block_m, BLOCK_N=t_in.block_n, BLOCK_K=t_in.block_k, DOT_PRECISION=precision,
-        num_warps=t_in.num_warps)
+        BLOCK_M=t_head.block_m, BLOCK_N=t_head.block_n, BLOCK_K=t_head.block_k, DOT_PRECISION=precision,
+        num_warps=t_head.num_warps)
     return logits
