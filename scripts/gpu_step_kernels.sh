@@ -1,39 +1,58 @@
 #!/usr/bin/env bash
-# The fused decode-step kernels on a GPU machine, in parts that each fit in a few minutes:
+# The fused decode-step kernels on a GPU machine, in parts, each stopped at its time budget:
 #
-#   scripts/gpu_step_kernels.sh OUT_DIR tests     # step kernels vs the reference (fp32, bf16; batch 1/16/64;
-#                                                 # in place, captured, by row index) and the planner's
-#                                                 # captured searches: step_parity.{json,md}
-#   scripts/gpu_step_kernels.sh OUT_DIR parity    # fused and fused_step backbones vs the reference,
-#                                                 # prefill + decode: parity.{json,md}
-#   scripts/gpu_step_kernels.sh OUT_DIR engine    # the engine's greedy tokens and planners on both backbones
-#   scripts/gpu_step_kernels.sh OUT_DIR profile   # kernels per step and time per kernel class, step
-#                                                 # timings: profile_step.{json,md}, timing.{json,md}
-#   scripts/gpu_step_kernels.sh OUT_DIR bench     # crsm bench: engine (fused_step and fused), mamba_ssm's
-#                                                 # generate, deliberation: bench/, benchmarks.md
+#   scripts/gpu_step_kernels.sh OUT_DIR                     # tests, profile, bench: under 5 minutes
+#   scripts/gpu_step_kernels.sh OUT_DIR PART[:SECONDS] ...  # chosen parts (and budgets)
+#
+# part (default budget, s)  what                                                          writes to OUT_DIR
+#   tests   (140)  tests/gpu/test_step_kernels_gpu.py: the step kernels vs the reference,   step_parity.{json,md}
+#                  fp32 and bf16, 256 steps, batch 1/16/64, in place, captured, by row index
+#   profile  (40)  scripts/profile_step.py: kernels per step, time per kernel class, step   profile_step.{json,md}
+#                  time, fused (before) and fused_step (after), batch 1/16/64
+#   bench   (110)  crsm bench --sections engine baselines deliberation: the engine on       bench/, benchmarks.md
+#                  fused_step and fused, mamba_ssm's generate, the planners (bench.json is
+#                  rewritten after each section: a budget that runs out keeps the earlier ones)
+#   parity  (300)  tests/gpu/test_fused.py: both GPU backbones vs the reference, prefill    parity.{json,md}
+#                  and decode
+#   engine  (300)  tests/gpu/test_engine_gpu.py: the engine's greedy tokens and planners
+#                  on both GPU backbones
+#   timing  (120)  scripts/gpu_parity.py --timing-only: eager and captured step times      timing.{json,md}
 #
 # Run from the repository root with the GPU dependencies installed (mamba-ssm; see docs/benchmarks.md).
-# Several parts may be given in one call; each one's output is also in OUT_DIR/<part>.log.
+# Each part's output is also in OUT_DIR/<part>.log; OUT_DIR/summary.txt says how each part ended.
 set -uo pipefail
-out=${1:?usage: $0 OUT_DIR PART...}
+out=${1:?usage: $0 OUT_DIR [tests|profile|bench|parity|engine|timing[:SECONDS]] ...}
 shift
-[ $# -gt 0 ] || { echo "usage: $0 OUT_DIR tests|parity|engine|profile|bench ..." >&2; exit 2; }
+[ $# -gt 0 ] || set -- tests profile bench
 mkdir -p "$out"
 export OUT="$out" PYTHONPATH=.
+declare -A budget=([tests]=140 [profile]=40 [bench]=110 [parity]=300 [engine]=300 [timing]=120)
 status=0
-for part in "$@"; do
+: >"$out/summary.txt"
+for arg in "$@"; do
+  part=${arg%%:*}
   case "$part" in
-    tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/gpu/test_step_kernels_gpu.py tests/test_captured_search.py
-                tests/test_backbone.py) ;;
+    tests) cmd=(python3 -m pytest -q -p no:cacheprovider tests/gpu/test_step_kernels_gpu.py) ;;
+    profile) cmd=(python3 scripts/profile_step.py --out "$out") ;;
+    bench) cmd=(python3 -m crsm bench --out "$out/bench" --docs "$out/benchmarks.md"
+                --sections engine baselines deliberation) ;;
     parity) cmd=(python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fused.py) ;;
     engine) cmd=(python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py) ;;
-    profile) cmd=(bash -c "python3 scripts/profile_step.py --out '$out' && python3 scripts/gpu_parity.py --out '$out' --timing-only") ;;
-    bench) cmd=(python3 -m crsm_core.cli bench --out "$out/bench" --docs "$out/benchmarks.md"
-                --sections engine baselines deliberation) ;;
+    timing) cmd=(python3 scripts/gpu_parity.py --out "$out" --timing-only) ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
-  echo "== $part: ${cmd[*]}"
-  "${cmd[@]}" 2>&1 | tee "$out/$part.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  seconds=${budget[$part]}
+  [ "$arg" = "$part" ] || seconds=${arg#*:}
+  echo "== $part (at most $seconds s): ${cmd[*]}"
+  start=$SECONDS
+  timeout -k 10 "$seconds" "${cmd[@]}" 2>&1 | tee "$out/$part.log"
+  rc=${PIPESTATUS[0]}
+  case "$rc" in
+    0) result=passed ;;
+    124|137) result="stopped at its budget of $seconds s" ;;
+    *) result="failed (exit $rc)" ;;
+  esac
+  [ "$rc" -eq 0 ] || status=1
+  echo "$part: $result after $((SECONDS - start)) s" | tee -a "$out/summary.txt"
 done
 exit $status

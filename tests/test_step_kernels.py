@@ -4,7 +4,8 @@ paths, in place and by row index. tests/gpu/test_step_kernels_gpu.py runs the co
 
 Skipped where triton is not installed (the CPU install has no triton) and on CUDA machines (where the
 interpreter would also take over every other Triton kernel of the process). To run them here:
-`pip install --target DIR triton==3.6.0`, then `PYTHONPATH=.:DIR pytest tests/test_step_kernels.py`.
+`pip install --target DIR triton==3.6.0`, then `PYTHONPATH=.:DIR pytest tests/test_step_kernels.py` (the
+kernels' tests are marked `slow`: seconds each in the interpreter).
 """
 import dataclasses
 import importlib.util
@@ -46,6 +47,7 @@ def pair(dtype: torch.dtype, groups: int = 1, d_conv: int = 4, d_model: int = 64
     return reference, fast
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, FP32), (torch.bfloat16, BF16)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch", [1, 3], ids=["gemv", "dot"])
 @torch.no_grad()
@@ -64,6 +66,7 @@ def test_steps_follow_the_reference(dtype, bound, batch):
     assert rel(got.conv, want.conv) <= bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups", [1, 2])
 @torch.no_grad()
 def test_gemv_blocks_past_the_end_of_k_are_masked(groups):
@@ -79,6 +82,7 @@ def test_gemv_blocks_past_the_end_of_k_are_masked(groups):
     assert rel(got.ssm, want.ssm) <= FP32 and rel(got.conv, want.conv) <= FP32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups,d_conv", [(1, 4), (2, 3)])
 @torch.no_grad()
 def test_rows_are_read_and_written_by_index(groups, d_conv):
@@ -101,6 +105,7 @@ def test_rows_are_read_and_written_by_index(groups, d_conv):
         assert torch.equal(got_pool.gather([row]).conv, pool.gather([row]).conv)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_in_place_rows_match_the_layered_step_rows():
     # the same entry point on the reference (gather, step, scatter) and on the kernels (in place)

@@ -28,9 +28,11 @@ BF16_TOP1 = 0.90
 
 @pytest.fixture(scope="module")
 def results():
-    payload = {"environment": environment(), "steps": {case.name: measure_steps(case) for case in STEP_CASES}}
-    if os.environ.get("OUT"):
-        write_results(Path(os.environ["OUT"]), "step_parity", payload)
+    payload = {"environment": environment(), "steps": {}}
+    for case in STEP_CASES:
+        payload["steps"][case.name] = measure_steps(case)
+        if os.environ.get("OUT"):   # after each case: a run stopped in the second keeps the first
+            write_results(Path(os.environ["OUT"]), "step_parity", payload)
     return payload["steps"]
 
 
