@@ -1,51 +1,55 @@
 """One session's planner (System 2), running beside its generator (System 1) without blocking it.
 
-The generator calls, at each position q (it holds S_q; token q not yet chosen):
+The generator, holding S_q before it chooses token q, calls
 
-    events, suggestion = deliberator.apply_due(q, state_row, tokens)   # blend what is due at q
-    deliberator.observe(q, state_row, logits)                          # maybe start a plan from S_q
-    ... choose token q (the suggestion, if enabled and ready), step ...
+    due = deliberator.due(q, tokens)          # what plans ask of this position (injection.py)
+    ... catch up / blend what is due, use the suggestion ...
+    deliberator.observe(q, state_row, logits, drawn)   # start a plan from S_q if the planner is idle
 
-`observe` never waits: if the planner is idle it clones S_q and hands it to the session's asyncio
-task, which submits it to the model's `PlannerRuntime` (one worker thread that batches the plans of
-all sessions; planner/runtime.py) and awaits the result; if the planner is busy the position is
-skipped. The plan fast-forwards S_q by `lag` greedy tokens (dynamics model or exact backbone),
-searches from S_p (p = q + lag), gates the chosen child's state per layer, and the task puts the
-entry into the session's `TargetBuffer`. Before handing the entry over, the worker fast-forwards it
-(exact steps) through the tokens the generator produced meanwhile, so a late entry costs the
-generator little.
+`observe` never waits: it clones S_q and hands it, as plain data (`PlanRequest`), to the model's
+`PlannerRuntime` (one worker thread that batches the plans of all sessions); when the plan is done its
+entry lands in this session's `TargetBuffer`, which the generator reads at the positions the entry
+concerns. While a plan is in flight the planner is busy and later positions are skipped.
 
-Synchronous mode runs the plan inline in `observe` (no loop, no thread): deterministic, for tests.
-The deliberator knows nothing of the loop that drives it, so the batched engine uses it as it is.
-Threading: `observe` and `apply_due` are called from the generator's thread (any thread; one at a
-time); in asynchronous mode the deliberator must be created on the event loop's thread.
+Asynchronous (the default): a plan speculates `lag` tokens (or, with `lag` None, as many as the
+measured latency says it can afford: planner/runtime.py `LeadEstimator`) and plans for the position it
+reaches; whether it arrives in time depends on how fast planner and generator run, so which positions
+get a plan, and so the output, are timing-dependent. Synchronous (`synchronous`): every position gets
+a plan made from the generator's own state, and the generator parks the session (its row leaves the
+batch; the others go on) until the plan for the position it has reached is in, at most
+`synchronous_timeout_s`: the output is then a function of the request alone.
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-from .injection import (DEFAULT_MAX_TARGET_NORM_RATIO, InjectionEvent, InjectionOutcome, TargetBuffer, TargetEntry,
+from .injection import (DEFAULT_MAX_TARGET_NORM_RATIO, Due, InjectionEvent, TargetBuffer, Verdict,
                         check_norm_ratio, default_layer_weights)
 from .planner import PlannerConfig
-from .planner.runtime import PlanCancelled, PlannerRuntime, PlanRequest
+from .planner.runtime import PlanCancelled, PlannerRuntime, PlanRequest, PlanResult, TokenLog
+from .sampling import SamplingParams
 from .state import RecurrentState
 from .streams import record_current
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["dynamics", "exact"]
-
+StepMode = Literal["exact", "dynamics"]
 
 DELIBERATION_FILE = "crsm.json"  # a model directory's deliberation defaults
+# The latent dynamics model may replace exact steps only where its next-token agreement with them
+# (top-1, one step, held-out text: the model's training report) reaches this. Below it the plans it
+# speculates are not the generator's tokens (at 0.55, three tokens agree 17% of the time), and priors
+# from its head are not the model's (deliberation-forensics B5, B6).
+DYNAMICS_MIN_TOP1 = 0.9
+# Without a calibrated threshold in the model directory: no plan is vetoed for the heads' spread.
+UNCALIBRATED_VETO = float("inf")
 
 
 def load_deliberation_config(directory: str | Path) -> "DeliberationConfig":
@@ -62,36 +66,44 @@ def load_deliberation_config(directory: str | Path) -> "DeliberationConfig":
 @dataclass(frozen=True)
 class DeliberationConfig:
     enabled: bool = True
-    lag: int = 3                      # plan for position t + lag from a snapshot at t
-    max_lag: int = 8                  # a later entry is pruned
+    lag: int | None = None            # tokens a plan speculates before its root; None: from the measured latency
+    max_lead: int = 32                # the most a latency-aware plan speculates
+    max_lag: int = 64                 # an entry more positions late than this is pruned
     delta_decay: float = 0.9          # late entries: alpha * delta_decay ** lateness
     injection_rate: float = 0.05      # the seed's experimental sweet spot
     layer_weights: tuple[float, ...] | None = None   # None: 0 for the lower half, 1 for the upper
-    veto_threshold: float = 1.0       # std over value heads above this vetoes the entry
+    veto_threshold: float | None = None  # std over the heads' probabilities above which a plan is vetoed;
+                                         # None: the model's calibrated threshold (value_heads.json)
     # a target whose ssm norm in a gated layer is above this multiple of the live state's is rejected
     max_target_norm_ratio: float = DEFAULT_MAX_TARGET_NORM_RATIO
     blend_conv: bool = False          # also blend the conv state
-    fast_forward: Mode = "dynamics"   # how the snapshot is projected to the target position
-    children: Mode = "dynamics"       # how the search expands children
-    use_suggestions: bool = False     # the planned token replaces sampling when it is ready in time
+    steps: StepMode = "exact"         # how plans step states: the backbone, or the latent dynamics model
+    use_suggestions: bool = True      # a confident plan's token replaces the sampled one when it is in time
+    adoption_margin: float = 0.05     # a* must beat an alternative's value (a probability) by this to act
     planner: PlannerConfig = field(default_factory=PlannerConfig)
-    synchronous: bool = False         # plan inline at observe time (deterministic test mode)
+    verifier: str | None = None       # score plans by this checker (one the server knows), not the heads
+    synchronous: bool = False         # a plan for every position; the session waits for it (deterministic)
+    synchronous_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.lag < 1:
-            raise ValueError(f"lag must be >= 1, got {self.lag}")
-        if self.max_lag < 0:
-            raise ValueError(f"max_lag must be >= 0, got {self.max_lag}")
+        if self.lag is not None and self.lag < 0:
+            raise ValueError(f"lag must be >= 0 or null, got {self.lag}")
+        for name in ("max_lead", "max_lag"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.delta_decay <= 1.0:
             raise ValueError(f"delta_decay must be in [0, 1], got {self.delta_decay}")
         if not 0.0 <= self.injection_rate <= 1.0:
             raise ValueError(f"injection_rate must be in [0, 1], got {self.injection_rate}")
-        if self.veto_threshold < 0:
-            raise ValueError(f"veto_threshold must be >= 0, got {self.veto_threshold}")
+        if self.veto_threshold is not None and not self.veto_threshold >= 0:
+            raise ValueError(f"veto_threshold must be >= 0 or null, got {self.veto_threshold}")
+        if not 0.0 <= self.adoption_margin <= 1.0:
+            raise ValueError(f"adoption_margin must be in [0, 1], got {self.adoption_margin}")
+        if not self.synchronous_timeout_s > 0:
+            raise ValueError(f"synchronous_timeout_s must be > 0, got {self.synchronous_timeout_s}")
         check_norm_ratio(self.max_target_norm_ratio)
-        for name in ("fast_forward", "children"):
-            if getattr(self, name) not in ("dynamics", "exact"):
-                raise ValueError(f"{name} must be 'dynamics' or 'exact', got {getattr(self, name)!r}")
+        if self.steps not in ("exact", "dynamics"):
+            raise ValueError(f"steps must be 'exact' or 'dynamics', got {self.steps!r}")
         if self.layer_weights is not None and any(not 0.0 <= w <= 1.0 for w in self.layer_weights):
             raise ValueError("layer_weights must be in [0, 1]")
 
@@ -117,9 +129,6 @@ class DeliberationConfig:
             raise ValueError(f"layer_weights has {len(self.layer_weights)} entries for {n_layer} layers")
         return torch.tensor(self.layer_weights, dtype=torch.float32)
 
-    def with_lag(self, lag: int) -> "DeliberationConfig":
-        return replace(self, lag=lag)
-
 
 @dataclass
 class PlannerCounters:
@@ -128,31 +137,40 @@ class PlannerCounters:
     cancelled: int = 0    # plans stopped by close() before producing a result
     failed: int = 0       # plans that raised (logged)
     simulations: int = 0  # MCTS simulations run by the plans that finished
-    state_steps: int = 0  # rows advanced by one token (fast-forward and expansions) by those plans
+    state_steps: int = 0  # rows advanced by one token (speculation and expansions) by those plans
+    waited: int = 0       # synchronous: positions the session was parked for its plan
+    timed_out: int = 0    # synchronous: waits that ran past synchronous_timeout_s
 
     def as_dict(self) -> dict[str, int]:
         return {"launched": self.launched, "skipped": self.skipped, "cancelled": self.cancelled,
-                "failed": self.failed, "simulations": self.simulations, "state_steps": self.state_steps}
+                "failed": self.failed, "simulations": self.simulations, "state_steps": self.state_steps,
+                "waited": self.waited, "timed_out": self.timed_out}
 
 
 class SessionDeliberator:
-    """One session's side of deliberation: its target buffer, counters and planner task. The plans
-    themselves are computed by the model's `PlannerRuntime`, batched with other sessions' plans."""
+    """One session's side of deliberation: its settings, target buffer, counters and the plan in flight.
+    The plans themselves are computed by the model's `PlannerRuntime`, batched with other sessions'.
+    Every method but `counters` is called from the generator's thread."""
 
-    def __init__(self, runtime: PlannerRuntime, config: DeliberationConfig, generation_id: int):
+    def __init__(self, runtime: PlannerRuntime, config: DeliberationConfig, generation_id: int, *,
+                 tokens: TokenLog, sampling: SamplingParams, seed: int, veto_threshold: float,
+                 notify: Callable[[], None] | None = None):
         self.runtime = runtime
         self.config = config
         self.generation_id = generation_id
+        self.tokens = tokens
+        self.sampling, self.seed = sampling, seed
+        self.veto_threshold = config.veto_threshold if config.veto_threshold is not None else veto_threshold
         self.buffer = TargetBuffer(generation_id, max_lag=config.max_lag, delta_decay=config.delta_decay,
-                                   blend_conv=config.blend_conv, max_target_norm_ratio=config.max_target_norm_ratio)
+                                   blend_conv=config.blend_conv, max_target_norm_ratio=config.max_target_norm_ratio,
+                                   use_suggestions=config.use_suggestions)
         self.planner_counters = PlannerCounters()
         self._lock = threading.Lock()
-        self._busy = False
+        self._cancelled = threading.Event()
+        self._request: PlanRequest | None = None   # the plan in flight
+        self._planned_for = -1                      # synchronous: the last position a plan was made for
         self._closed = False
-        self._tokens: list[int] = []          # the session's tokens by position, for the worker's catch-up
-        self._last_position = 0
-        self._task: asyncio.Task | None = None
-        self._loop = None if config.synchronous else asyncio.get_running_loop()
+        self._notify = notify                       # called when a plan's result is filed (wakes the generator)
 
     @property
     def closed(self) -> bool:
@@ -160,109 +178,94 @@ class SessionDeliberator:
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        with self._lock:
+            return self._request is not None
 
     def counters(self) -> dict[str, int]:
         return {**self.buffer.counters.as_dict(), **self.planner_counters.as_dict()}
 
-    # ---- what the runtime's worker calls ------------------------------------------------------
-
-    def tokens_so_far(self) -> list[int]:
-        with self._lock:
-            return list(self._tokens)
-
-    def record_plan(self, simulations: int, state_steps: float) -> None:
-        with self._lock:
-            self.planner_counters.simulations += simulations
-            self.planner_counters.state_steps += round(state_steps)
-
-    @torch.no_grad()
-    def plan(self, snapshot: RecurrentState, position: int, logits: torch.Tensor) -> TargetEntry:
-        """Plan inline from S_t (snapshot, 1 row, consumed) and the logits that came with it ([1, V],
-        the distribution of token t); returns the entry for p = t + lag."""
-        return self.runtime.plan_now([PlanRequest(self, snapshot, logits, position)])[0]
-
     # ---- the generator's side ------------------------------------------------------------------
 
-    def observe(self, position: int, state_row: RecurrentState, logits: torch.Tensor) -> None:
-        """After the generator reached S_position (1 row) with `logits` [1, V] (the distribution of
-        token `position`): start a plan from a copy if the planner is idle. Never waits for it."""
+    def due(self, position: int) -> Due:
+        """Before token `position` is chosen: what the plans ask of this position."""
+        return self.buffer.due(position, self.tokens)
+
+    def blend(self, entry, position: int, state_row: RecurrentState) -> InjectionEvent:
+        return self.buffer.blend(entry, position, state_row)
+
+    def observe(self, position: int, state_row: RecurrentState, logits: torch.Tensor, drawn: int) -> None:
+        """The generator holds S_position (state_row, 1 row) and `logits` [1, V], the distribution of token
+        `position`; it has drawn `drawn` tokens. Start a plan from copies if the planner is idle."""
         if self._closed or not self.config.enabled:
             return
-        if self.config.synchronous:
-            self.planner_counters.launched += 1
-            self.buffer.put(self.plan(state_row.clone(), position, logits.detach().clone()))
-            return
         with self._lock:
-            if self._busy:
+            if self._request is not None:
                 self.planner_counters.skipped += 1
                 return
-            self._busy = True
+            if self.config.synchronous and self._planned_for >= position:
+                return
+            lead = 0 if self.config.synchronous else (
+                self.config.lag if self.config.lag is not None else self.runtime.lead_estimator.lead(self.config.max_lead))
+            # copies on the generator's stream, then an event the planner's stream waits for
+            request = PlanRequest(self.generation_id, self.config, state_row.clone(), logits.detach().clone(),
+                                  position, self.tokens, self.sampling, self.seed, drawn, lead, self.veto_threshold,
+                                  cancelled=self._cancelled)
+            request.ready = record_current(request.logits.device)
+            self._request = request
+            self._planned_for = position
             self.planner_counters.launched += 1
-        # Copies on the generator's stream, then an event the planner's stream waits for.
-        request = PlanRequest(self, state_row.clone(), logits.detach().clone(), position)
-        request.ready = record_current(request.logits.device)
-        self._loop.call_soon_threadsafe(self._launch, request)
-
-    def apply_due(self, position: int, state_row: RecurrentState,
-                  generated_tokens: list[int]) -> tuple[list[InjectionEvent], int | None]:
-        """Before token `position` is chosen (state_row holds S_position, 1 row): apply what is due.
-        generated_tokens[i] = token at position i, prompt included (at least `position` of them).
-        Returns the events and, with use_suggestions, the planned token for this position if its
-        entry was applied on time (else None)."""
-        self._last_position = position
-        with self._lock:
-            self._tokens.extend(generated_tokens[len(self._tokens):position])
-        with torch.no_grad():
-            events = self.buffer.apply_due(position, state_row, generated_tokens, self.runtime.generator_step.step)
-        suggestion = None
-        if self.config.use_suggestions:
-            on_time = [e for e in events if e.outcome is InjectionOutcome.APPLIED and e.target_position == position]
-            suggestion = on_time[0].action if on_time else None
-        return events, suggestion
-
-    # ---- the task ------------------------------------------------------------------------------
-
-    def _launch(self, request: PlanRequest) -> None:
-        """Event loop thread: the session's planner task for this plan."""
-        if self._closed:
-            with self._lock:
-                self._busy = False
-            self.planner_counters.cancelled += 1
-            return
-        self._task = self._loop.create_task(self._run(request), name=f"crsm-planner-{self.generation_id}")
-
-    async def _run(self, request: PlanRequest) -> None:
+        request.future.add_done_callback(self._landed)
         try:
-            [future] = self.runtime.submit([request])
-            entry = await asyncio.wrap_future(future)
-        except (PlanCancelled, asyncio.CancelledError, concurrent.futures.CancelledError):
-            self.planner_counters.cancelled += 1
-            if not request.future.done():
-                request.future.cancel()
-            if asyncio.current_task().cancelling():
-                raise
-            return
-        except Exception:  # a planner bug must not kill the session; it is logged and counted
-            logger.exception("planner failed (generation %s, position %d)", self.generation_id, request.position)
-            self.planner_counters.failed += 1
-            return
-        finally:
-            with self._lock:
-                self._busy = False
-        if self._closed:
-            self.planner_counters.cancelled += 1
-            return
-        self.buffer.put(entry)
+            self.runtime.submit([request])
+        except RuntimeError:   # the runtime has closed (the engine is stopping): no plan
+            request.future.cancel()
 
-    async def close(self) -> list[InjectionEvent]:
-        """Cancel the planner task and resolve what is left in the buffer (never reached: PRUNED).
-        The runtime's worker drops a closed session's plan (and stops at its next step when every
-        session of its batch has closed). Idempotent; returns the events of the resolution."""
-        if self._closed:
-            return []
-        self._closed = True
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.wait([self._task])
-        return self.buffer.finish(self._last_position)
+    def waits_at(self, position: int) -> bool:
+        """Synchronous mode: the session must not choose token `position` before its plan is in."""
+        return self.config.synchronous and self.busy and self._planned_for == position and not self._closed
+
+    def _landed(self, future) -> None:
+        """The worker's thread (or the closing one): file the plan's result into the buffer. Under the lock,
+        so that a result and `close` never cross: a result filed before close is resolved by it, one after
+        is dropped (close counted it cancelled)."""
+        with self._lock:
+            self._request = None
+            if self._closed:
+                return
+            if future.cancelled() or isinstance(future.exception(), PlanCancelled):
+                self.planner_counters.cancelled += 1
+            elif future.exception() is not None:
+                logger.error("planner failed (generation %s): %s", self.generation_id, future.exception())
+                self.planner_counters.failed += 1
+            else:
+                result: PlanResult = future.result()
+                self.planner_counters.simulations += round(result.entry.planner_stats["simulations_per_root"])
+                self.planner_counters.state_steps += round(result.entry.planner_stats["state_steps"])
+                if result.outcome is None:
+                    self.buffer.put(result.entry)
+                else:
+                    self.buffer.put_resolved(result.entry, result.position,
+                                             Verdict(result.outcome, result.reason, result.effect))
+        if self._notify is not None:
+            self._notify()
+
+    def give_up_waiting(self) -> None:
+        """Synchronous mode: the plan in flight took longer than synchronous_timeout_s; the session goes on
+        without it (the plan still lands, late, if it can)."""
+        self.planner_counters.timed_out += 1
+
+    def close(self, position: int) -> list[InjectionEvent]:
+        """Stop planning at `position` (the generation ended): cancel the plan in flight and resolve what is
+        left in the buffer (PRUNED). Idempotent; returns the events of the resolution."""
+        with self._lock:
+            if self._closed:
+                return []
+            self._closed = True
+            self._cancelled.set()
+            request, self._request = self._request, None
+            if request is not None:
+                self.planner_counters.cancelled += 1
+        if request is not None:
+            request.future.cancel()   # still queued: dropped; running: the worker stops at its next step
+        return self.buffer.finish(position, self.tokens.snapshot())
+

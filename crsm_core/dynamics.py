@@ -1,10 +1,8 @@
 """Latent dynamics: (per-layer state, token) -> (next per-layer state, next logits).
 
-Two steppers share `MambaLM.step`'s signature, `step(tokens [K], state) -> logits [K, V]` with the
-state advanced in place, so the planner and fast-forward take either:
-
-- `ExactDynamics` steps the backbone itself (mode "exact").
-- `LatentDynamics` is a small learned model distilled from the frozen backbone (mode "dynamics").
+`LatentDynamics.step` has `MambaLM.step`'s signature (state.StepFn: `step(tokens [K], state) -> logits
+[K, V]`, the state advanced in place), so a planner can step states with either (its `steps` setting:
+"exact" or "dynamics"); deliberation.DYNAMICS_MIN_TOP1 says when it may use this one.
 
 Design of `LatentDynamics`. A Mamba-2 layer's step is `ssm <- exp(dt A) ssm + dt x B^T` with
 (x, B, C) = silu(depthwise_conv(conv window shifted by one new input column)). Almost all of a
@@ -39,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,17 +46,9 @@ import torch.nn.functional as F
 from .backbone import MambaLM
 from .checkpoint import load_component_state, check_state_dict, save_component
 from .config import MambaConfig
-from .state import RecurrentState
+from .state import RecurrentState, StepFn
 
 COMPONENT_NAME = "dynamics"
-
-
-class Stepper(Protocol):
-    """Anything that advances a state by one token in place and returns the next logits."""
-
-    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        """tokens: [K] long; state: K rows (advanced in place) -> logits [K, V]."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -252,48 +242,6 @@ class LatentDynamics(nn.Module):
         return module.to(backbone.device)
 
 
-class ExactDynamics:
-    """The backbone as a stepper (mode "exact")."""
-
-    def __init__(self, backbone: MambaLM):
-        self.backbone = backbone
-
-    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        return self.backbone.step(tokens, state)
-
-    def step_cost(self) -> StepCost:
-        return backbone_step_cost(self.backbone.config)
-
-
-@dataclass
-class FastForward:
-    tokens: torch.Tensor   # [K, k] the tokens consumed
-    logits: torch.Tensor   # [K, V] the distribution after them
-
-
-def fast_forward(stepper: Stepper, state: RecurrentState, *, tokens: torch.Tensor | None = None,
-                 steps: int | None = None, logits: torch.Tensor | None = None) -> FastForward:
-    """Advance `state` (K rows, in place) by k tokens: the given `tokens [K, k]`, or `steps` greedy
-    choices starting from `logits [K, V]` (the distribution of the next token)."""
-    if (tokens is None) == (steps is None):
-        raise ValueError("give exactly one of tokens or steps")
-    if tokens is None:
-        if logits is None:
-            raise ValueError("greedy fast-forward needs the current logits")
-        chosen = []
-        for _ in range(steps):
-            token = logits.argmax(dim=-1)
-            chosen.append(token)
-            logits = stepper.step(token, state)
-        used = torch.stack(chosen, dim=1) if chosen else torch.zeros(state.batch, 0, dtype=torch.long)
-        return FastForward(used, logits)
-    if tokens.dim() != 2 or tokens.shape[0] != state.batch:
-        raise ValueError(f"tokens must be [K={state.batch}, k], got {tuple(tokens.shape)}")
-    for j in range(tokens.shape[1]):
-        logits = stepper.step(tokens[:, j], state)
-    return FastForward(tokens, logits)
-
-
 @dataclass
 class LagFidelity:
     lag: int
@@ -303,7 +251,7 @@ class LagFidelity:
 
 
 @torch.no_grad()
-def fidelity(backbone: MambaLM, dynamics: Stepper, state: RecurrentState, tokens: torch.Tensor,
+def fidelity(backbone: MambaLM, dynamics: StepFn, state: RecurrentState, tokens: torch.Tensor,
              lags: tuple[int, ...] = (1, 3, 8)) -> list[LagFidelity]:
     """Roll `state` (B rows, not modified) through `tokens [B, T]` with exact backbone steps and with
     `dynamics` (open loop: the dynamics feeds on its own predictions) and compare at each lag <= T."""
@@ -313,7 +261,7 @@ def fidelity(backbone: MambaLM, dynamics: Stepper, state: RecurrentState, tokens
     reports = []
     for t in range(1, max(lags) + 1):
         exact_logits = backbone.step(tokens[:, t - 1], exact)
-        predicted_logits = dynamics.step(tokens[:, t - 1], predicted)
+        predicted_logits = dynamics(tokens[:, t - 1], predicted)
         if t not in lags:
             continue
         e, p = exact.ssm.float().flatten(2), predicted.ssm.float().flatten(2)   # [L, B, X]

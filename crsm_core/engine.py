@@ -41,9 +41,10 @@ import torch
 
 from .backbone import MambaLM
 from .backbone.graphs import CapturedDecoder, CapturedPrefill
-from .deliberation import DeliberationConfig
+from .deliberation import DeliberationConfig, SessionDeliberator
 from .engine_config import EngineConfig
-from .planner.runtime import PlanCancelled, PlannerRuntime, resolve_planner_mode
+from .injection import catch_up
+from .planner.runtime import PlanCancelled, PlannerRuntime, TokenLog, resolve_planner_mode
 from .sampling import SamplingParams, SamplingTable
 from .state import RecurrentState
 from .stopping import StopMatcher
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PLANNER_CLOSE_TIMEOUT_S = 5.0
+PARKED_POLL_S = 0.05   # how often a generator with only parked sessions checks their time-outs
 
 
 class QueueFull(RuntimeError):
@@ -130,27 +131,8 @@ class ErrorEvent:
     code: str                     # "shutdown" | "internal_error"
 
 
-class Deliberator(Protocol):
-    """A session's planner (crsm_core.deliberation.SessionDeliberator). Created on the event loop;
-    `apply_due` and `observe` are called from the generator thread, `close` on the loop."""
-
-    def apply_due(self, position: int, state_row: RecurrentState,
-                  generated_tokens: list[int]) -> tuple[list, int | None]:
-        """state_row (1 row) holds S_position; token `position` is not chosen yet. Blends what is due
-        (in place); generated_tokens[i] is the token at position i, prompt included.
-        Returns (injection events, the suggested token or None)."""
-
-    def observe(self, position: int, state_row: RecurrentState, logits: torch.Tensor) -> None:
-        """Same moment, after apply_due: logits [1, V] is the distribution of token `position`.
-        Starts a plan from a copy when the planner is idle; never waits."""
-
-    async def close(self) -> list:
-        """Stop planning; returns the events of entries resolved at close."""
-
-    def counters(self) -> dict[str, int]: ...
-
-
-DeliberatorFactory = Callable[[GenerationRequest], Deliberator]
+# Makes a deliberating session's planner (crsm_core.deliberation.SessionDeliberator), when it is admitted.
+DeliberatorFactory = Callable[["Session"], SessionDeliberator]
 
 
 class EngineListener(Protocol):
@@ -168,6 +150,7 @@ class SessionStatus(enum.Enum):
     WAITING = "waiting"
     PREFILLING = "prefilling"
     RUNNING = "running"
+    PARKED = "parked"          # synchronous deliberation: waits, out of the batch, for its plan
     FINISHED = "finished"
 
 
@@ -197,15 +180,16 @@ class Session:
         self.status = SessionStatus.WAITING
         self.row: int | None = None
         self.tokens: list[int] = []                       # generated
-        self.sequence: list[int] = list(request.prompt_ids)  # by position: prompt, then generated
+        self.sequence = TokenLog(request.prompt_ids)      # by position: prompt, then generated
         self.injections: list = []
         self.finish_reason: str | None = None
         self.submitted_at = time.perf_counter()
         self.admitted_at: float | None = None
         self.token_times: list[float] = []
         self.finished_at: float | None = None
-        self.deliberator: Deliberator | None = None
+        self.deliberator: SessionDeliberator | None = None
         self.planner_failed = False  # its deliberator raised; the session continues without it
+        self.parked: tuple[RecurrentState, torch.Tensor, float] | None = None   # (state, logits [V], since)
         self.seed = request.sampling.resolved_seed()
         self._cancel_requested = False
         self._loop = loop
@@ -318,6 +302,7 @@ class Engine:
         self._rides: deque[_Ride] = deque()         # guarded by _cond
         self._prefilling: deque[Session] = deque()  # generator thread only
         self._running: list[Session] = []           # generator thread only; _running[i].row == i
+        self._parked: list[Session] = []            # generator thread only (synchronous deliberation)
         self._accepting = True
         self._stopping = False
         self._open_planners = 0
@@ -333,10 +318,12 @@ class Engine:
         if model.tokenizer is None:
             raise ValueError("the engine needs a model with a tokenizer")
         engine = cls(model.backbone, model.tokenizer, config, listener=listener)
-        ride = engine.ride if engine.planner_mode == "ride" else None
-        runtime = model.planner_runtime(engine.planner_mode, ride=ride, ride_rows=config.ride_rows)
+        ride = engine.ride_step if engine.planner_mode == "ride" else None
+        runtime = model.planner_runtime(engine.planner_mode, ride=ride)
         engine._planner_runtime = runtime
-        engine._deliberator_factory = lambda request: model.new_deliberator(request.deliberation, runtime)
+        engine._deliberator_factory = lambda session: model.new_deliberator(
+            session.request.deliberation, runtime, tokens=session.sequence, sampling=session.request.sampling,
+            seed=session.seed, notify=engine._wake)
         return engine
 
     # ---- event-loop side ------------------------------------------------------------------------------
@@ -350,8 +337,8 @@ class Engine:
 
     @property
     def num_active(self) -> int:
-        """Sessions holding a slot (prefilling or decoding)."""
-        return len(self._prefilling) + len(self._running)
+        """Sessions holding a slot (prefilling, decoding, or parked for their plan)."""
+        return len(self._prefilling) + len(self._running) + len(self._parked)
 
     @property
     def planner_runtime(self) -> PlannerRuntime | None:
@@ -376,6 +363,14 @@ class Engine:
         if not 1 <= request.max_tokens <= c.max_new_tokens:
             raise RequestError(f"max_tokens must be in [1, {c.max_new_tokens}], got {request.max_tokens}",
                                "max_tokens")
+        if request.deliberation is not None:
+            if self._deliberator_factory is None:
+                raise RequestError("deliberation is not available on this server", "deliberation")
+            if self._planner_runtime is not None:
+                try:
+                    self._planner_runtime.check(request.deliberation)
+                except ValueError as e:
+                    raise RequestError(str(e), "deliberation") from e
 
     def submit(self, request: GenerationRequest) -> Session:
         return self.submit_all([request])[0]
@@ -384,8 +379,6 @@ class Engine:
         """Queue sessions, all or none. Call from the event loop. Raises RequestError, QueueFull, EngineClosed."""
         for request in requests:
             self.validate(request)
-            if request.deliberation is not None and self._deliberator_factory is None:
-                raise RequestError("deliberation is not available on this server", "deliberation")
         loop = asyncio.get_running_loop()
         sessions = [Session(r, loop, self, self.tokenizer) for r in requests]
         with self._cond:
@@ -393,15 +386,15 @@ class Engine:
                 raise EngineClosed("the server is shutting down")
             if len(self._waiting) + len(sessions) > self.config.queue_size:
                 raise QueueFull(len(self._waiting), self.config.retry_after_s)
-            made: list[Deliberator] = []
+            made: list[SessionDeliberator] = []
             try:
-                for session in sessions:  # made here, on the loop: a deliberator's planner task lives there
+                for session in sessions:
                     if session.request.deliberation is not None:
-                        session.deliberator = self._deliberator_factory(session.request)
+                        session.deliberator = self._deliberator_factory(session)
                         made.append(session.deliberator)
             except Exception:
                 for deliberator in made:
-                    loop.create_task(deliberator.close())
+                    deliberator.close(0)
                 raise
             with self._planner_lock:
                 self._open_planners += len(made)
@@ -418,16 +411,19 @@ class Engine:
         deadline = time.monotonic() + drain_timeout_s
         while (self.num_waiting or self.num_active) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Stop now (any thread but the generator's): every session still open ends with an ErrorEvent (its
+        planner closed first), then the generator thread and the planner runtime stop."""
         with self._cond:
+            self._accepting = False
             self._stopping = True
             self._cond.notify()
         if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
-        planners_deadline = time.monotonic() + PLANNER_CLOSE_TIMEOUT_S
-        while self.num_planners and time.monotonic() < planners_deadline:
-            await asyncio.sleep(0.01)
+            self._thread.join()
         if self._planner_runtime is not None:
-            await asyncio.to_thread(self._planner_runtime.close)
+            self._planner_runtime.close()
 
     def _wake(self) -> None:
         with self._cond:
@@ -452,6 +448,25 @@ class Engine:
                 self._cond.notify()
         return request.future
 
+    def ride_step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """A step function (state.StepFn) whose steps ride in the generator's next decode steps: the
+        planner's steps in ride mode. Blocks the calling thread until its rows are back. K rows go as
+        pieces of at most `ride_rows`, all handed over at once (each decode step takes what fits)."""
+        if tokens.is_cuda:
+            # Finish this (low-priority) stream's work on the rows here, in the caller, which waits for
+            # the ride anyway: the generator's stream must never wait on the GPU for planner kernels.
+            torch.cuda.current_stream().synchronize()
+        rows = self.config.ride_rows
+        pieces = [slice(i, min(i + rows, tokens.shape[0])) for i in range(0, tokens.shape[0], rows)]
+        futures = [self.ride(tokens[p], state.rows(p)) for p in pieces]
+        out = []
+        for future in futures:
+            logits, done = future.result()
+            wait(done)
+            hand_over(logits)
+            out.append(logits)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
     def _take_rides(self) -> list[_Ride]:
         """Ride requests that fit beside the running rows, in order."""
         room, taken = self.config.ride_rows, []
@@ -468,12 +483,15 @@ class Engine:
     def _run(self) -> None:
         log.info("generator started: %d slots, prefill chunk %d, planner mode %s", self.config.max_sessions,
                  self.config.prefill_chunk, self.planner_mode)
-        with torch.no_grad(), self._lane.active():
+        # inference mode, like the planner's worker: captured graphs write inference tensors, which may be
+        # updated in place only in that mode (the GPU failure of the late catch-up at 135faea)
+        with torch.inference_mode(), self._lane.active():
             while True:
                 with self._cond:
                     while not self._stopping and not (self._waiting or self._prefilling or self._running
-                                                      or self._rides):
-                        self._cond.wait()
+                                                      or self._rides or self._parked_ready()):
+                        # parked sessions are woken by their plan's result; the timeout bounds their wait
+                        self._cond.wait(timeout=PARKED_POLL_S if self._parked else None)
                     if self._stopping:
                         break
                     self._admit_locked()
@@ -492,7 +510,7 @@ class Engine:
                 self._rides.clear()
             for ride in rides:
                 ride.future.set_exception(PlanCancelled("the engine has stopped"))
-            for session in leftovers + list(self._prefilling) + list(self._running):
+            for session in leftovers + list(self._prefilling) + list(self._running) + list(self._parked):
                 self._end(session, error=ErrorEvent("the server is shutting down", "shutdown"))
         log.info("generator stopped")
 
@@ -514,6 +532,8 @@ class Engine:
         for session in [s for s in self._prefilling if s.cancelled]:
             self._end(session, reason="cancelled")
         for session in sorted((s for s in self._running if s.cancelled), key=lambda s: -s.row):
+            self._end(session, reason="cancelled")
+        for session in [s for s in self._parked if s.cancelled]:
             self._end(session, reason="cancelled")
 
     def _prefill_some(self) -> None:
@@ -565,6 +585,8 @@ class Engine:
             raise
 
     def _decode_round_with(self, rides: list[_Ride]) -> None:
+        self._unpark_ready()
+        suggestions = self._deliberate([s for s in self._running if s.deliberator is not None and not s.planner_failed])
         n = len(self._running)
         if n == 0 and not rides:
             return
@@ -572,15 +594,10 @@ class Engine:
         host = self._host_tokens[:n]
         if n:
             tokens[:n].copy_(self._sampler.sample(self._logits[:n]))
+            for session, suggestion in suggestions.items():
+                tokens[session.row] = suggestion
             host.copy_(tokens[:n], non_blocking=True)
         sampled = record_current(self.device)
-        suggestions: dict[int, int] = {}
-        for session in self._running:
-            if session.deliberator is not None and not session.planner_failed:
-                suggestion = self._deliberate(session)
-                if suggestion is not None:
-                    suggestions[session.row] = suggestion
-                    tokens[session.row] = suggestion
         rows = n + self._place_rides(rides, n)
         logits = self._decode(rows)
         if n:
@@ -593,7 +610,7 @@ class Engine:
         now = time.perf_counter()
         finished: list[tuple[Session, str]] = []
         for session, token in zip(self._running, host.tolist()):
-            reason = self._take_token(session, suggestions.get(session.row, token), now)
+            reason = self._take_token(session, suggestions.get(session, token), now)
             if reason is not None:
                 finished.append((session, reason))
         for session, reason in sorted(finished, key=lambda f: -f[0].row):
@@ -620,22 +637,83 @@ class Engine:
             ride.future.set_result((out, record_current(self.device)))
             row += k
 
-    def _deliberate(self, session: Session) -> int | None:
-        """Due injections into the session's row, then a planner snapshot. Returns a suggested token."""
-        position, row = len(session.sequence), session.row
-        try:
-            events, suggestion = session.deliberator.apply_due(position, self._row_state(row), session.sequence)
-            session.deliberator.observe(position, self._row_state(row), self._logits[row:row + 1])
-        except Exception:  # one session's planner must not stop the batch: that session goes on without it
-            log.exception("session %s: the planner failed at position %d; continuing without it", session.id,
-                          position)
-            session.planner_failed = True
-            if self._listener is not None:
-                self._listener.planner_error()
-            return None
-        for event in events:
-            self._injection(session, event)
-        return suggestion
+    def _deliberate(self, sessions: list[Session]) -> dict[Session, int]:
+        """Before token q of each deliberating session is chosen (its row holds S_q): resolve what its plans
+        ask of q (catching late entries up, all sessions batched, and blending them in), start a plan
+        from S_q when its planner is idle, and park the sessions that must wait for theirs. Returns the
+        suggested tokens. A session whose planner raises goes on without it."""
+        dues, suggestions = [], {}
+        for session in sessions:
+            try:
+                dues.append((session, session.deliberator.due(len(session.sequence))))
+            except Exception:
+                self._planner_failed(session)
+        behind = [(session, entry) for session, due in dues for entry in due.behind]
+        if behind:
+            try:
+                catch_up([e for _, e in behind], [s.sequence for s, _ in behind], [len(s.sequence) for s, _ in behind],
+                         self._planner_runtime.generator_step, refresh=False)
+            except Exception:
+                log.exception("catching up %d late entries failed; they are dropped", len(behind))
+                dues = [(s, dataclasses.replace(d, behind=[])) for s, d in dues]
+        for session, due in dues:
+            position, state = len(session.sequence), self._row_state(session.row)
+            for event in due.events:
+                self._injection(session, event)
+            try:
+                for entry in due.blends + due.behind:
+                    self._injection(session, session.deliberator.blend(entry, position, state))
+                session.deliberator.observe(position, state, self._logits[session.row:session.row + 1],
+                                            drawn=len(session.tokens))
+            except Exception:
+                self._planner_failed(session)
+                continue
+            if due.suggestion is not None:
+                suggestions[session] = due.suggestion
+        for session in [s for s, _ in dues if s.deliberator.waits_at(len(s.sequence)) and not s.planner_failed]:
+            suggestions.pop(session, None)
+            self._park(session)
+        return suggestions
+
+    def _planner_failed(self, session: Session) -> None:
+        log.exception("session %s: the planner failed at position %d; continuing without it", session.id,
+                      len(session.sequence))
+        session.planner_failed = True
+        if self._listener is not None:
+            self._listener.planner_error()
+
+    # ---- synchronous deliberation: sessions parked out of the batch until their plan is in ----------------
+
+    def _park(self, session: Session) -> None:
+        row = session.row
+        session.parked = (self._row_state(row).clone(), self._logits[row].clone(), time.monotonic())
+        self._leave_row(session)
+        session.status = SessionStatus.PARKED
+        session.deliberator.planner_counters.waited += 1
+        self._parked.append(session)
+
+    def _parked_ready(self) -> bool:
+        return any(self._may_unpark(s) for s in self._parked)
+
+    def _may_unpark(self, session: Session) -> bool:
+        deliberator, (_, _, since) = session.deliberator, session.parked
+        return (session.cancelled or not deliberator.waits_at(len(session.sequence))
+                or time.monotonic() - since >= deliberator.config.synchronous_timeout_s)
+
+    def _unpark_ready(self) -> None:
+        for session in [s for s in self._parked if self._may_unpark(s)]:
+            if session.deliberator.waits_at(len(session.sequence)):
+                session.deliberator.give_up_waiting()
+            state, logits, _ = session.parked
+            self._parked.remove(session)
+            session.parked = None
+            row = len(self._running)
+            self._row_state(row).copy_(state)
+            self._logits[row].copy_(logits)
+            self._sampler.set_row(row, session.request.sampling, session.seed, drawn=len(session.tokens))
+            session.row = row
+            session.status = SessionStatus.RUNNING
+            self._running.append(session)
 
     def _decode(self, rows: int) -> torch.Tensor:
         """One batched step over pool rows [0, rows): consumes the decoder's static tokens[:rows], advances
@@ -660,33 +738,44 @@ class Engine:
         session._emit(TokenEvent(token, text, position))
         return reason
 
+    def _leave_row(self, session: Session) -> None:
+        """Free a running session's row, moving the last running row into it."""
+        row, last = session.row, len(self._running) - 1
+        if row != last:
+            moved = self._running[last]
+            self._row_state(row).copy_(self._row_state(last))
+            self._logits[row].copy_(self._logits[last])
+            self._sampler.move_row(last, row)
+            self._running[row] = moved
+            moved.row = row
+        self._running.pop()
+        session.row = None
+
     def _end(self, session: Session, reason: str | None = None, error: ErrorEvent | None = None) -> None:
-        """Finish a session in any state: free its row (moving the last running row into it), close its
-        planner, send the final event."""
+        """Finish a session in any state: free its row, close its planner, send the final event."""
         if session.status is SessionStatus.RUNNING:
-            row, last = session.row, len(self._running) - 1
-            if row != last:
-                moved = self._running[last]
-                self._row_state(row).copy_(self._row_state(last))
-                self._logits[row].copy_(self._logits[last])
-                self._sampler.move_row(last, row)
-                self._running[row] = moved
-                moved.row = row
-            self._running.pop()
+            self._leave_row(session)
         elif session.status is SessionStatus.PREFILLING:
             self._prefilling.remove(session)
+        elif session.status is SessionStatus.PARKED:
+            self._parked.remove(session)
+            session.parked = None
         session.row = None
         session.status = SessionStatus.FINISHED
         session.finished_at = time.perf_counter()
         session.finish_reason = reason if error is None else "error"
         final = error or DoneEvent(reason, Usage(session.prompt_tokens, len(session.tokens)), session.timings(), None)
-        if session.deliberator is None:
-            self._finish(session, final)
-        elif session._loop.is_closed():
-            self._planner_closed()
-            self._finish(session, final)
-        else:
-            asyncio.run_coroutine_threadsafe(self._close_planner_then_finish(session, final), session._loop)
+        if session.deliberator is not None:
+            try:
+                for event in session.deliberator.close(len(session.sequence)):
+                    self._injection(session, event)
+                if isinstance(final, DoneEvent):
+                    final = dataclasses.replace(final, deliberation=session.deliberator.counters())
+            except Exception:  # the session still gets its final event; the planner's failure is logged
+                log.exception("closing the planner of session %s failed", session.id)
+            finally:
+                self._planner_closed()
+        self._finish(session, final)
 
     def _finish(self, session: Session, final: DoneEvent | ErrorEvent) -> None:
         if self._listener is not None:  # before the final event: a client that has it sees the metrics
@@ -698,20 +787,6 @@ class Engine:
         if self._listener is not None:
             self._listener.injection(event)
         session._emit(event)
-
-    async def _close_planner_then_finish(self, session: Session, final: DoneEvent | ErrorEvent) -> None:
-        """On the session's loop: stop the planner, stream the entries it resolved on closing, then the
-        final event with the deliberation counters."""
-        try:
-            for event in await session.deliberator.close():
-                self._injection(session, event)
-            if isinstance(final, DoneEvent):
-                final = dataclasses.replace(final, deliberation=session.deliberator.counters())
-        except Exception:  # the session still gets its final event; the planner's failure is logged
-            log.exception("closing the planner of session %s failed", session.id)
-        finally:
-            self._planner_closed()
-            self._finish(session, final)
 
     def _planner_closed(self) -> None:
         with self._planner_lock:

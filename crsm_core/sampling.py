@@ -133,14 +133,14 @@ class SamplingTable:
         self.counters = torch.zeros(rows, dtype=torch.int64, device=device)
         self._params: list[SamplingParams] = [SamplingParams(temperature=0.0)] * rows
 
-    def set_row(self, row: int, params: SamplingParams, seed: int) -> None:
-        """Give row `row` a session's parameters and seed, its counter at 0."""
+    def set_row(self, row: int, params: SamplingParams, seed: int, drawn: int = 0) -> None:
+        """Give row `row` a session's parameters and seed, its counter at `drawn` (tokens already drawn)."""
         self._params[row] = params
         self.temperature[row] = params.temperature
         self.top_p[row] = params.top_p
         self.top_k[row] = params.top_k
         self.seeds[row] = as_int64(seed)
-        self.counters[row] = 0
+        self.counters[row] = drawn
 
     def move_row(self, source: int, dest: int) -> None:
         self._params[dest] = self._params[source]

@@ -8,6 +8,7 @@ that kernels (and captured graphs) can update in place.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -108,3 +109,9 @@ class RecurrentState:
     def layer_norms(self) -> torch.Tensor:
         """[L, B] Frobenius norm of each layer's ssm state."""
         return self.ssm.float().flatten(2).norm(dim=2)
+
+
+# One decode step: (tokens [K] long, state with K rows, advanced in place) -> logits [K, V]. The
+# backbone's `step`, the latent dynamics model's, a captured replay of either and a ride in the
+# generator's batch all have this shape, and everything that steps states takes one.
+StepFn = Callable[[torch.Tensor, RecurrentState], torch.Tensor]

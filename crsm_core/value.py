@@ -1,9 +1,11 @@
 """Consensus value heads: one small head per layer, each reading only its own layer's state.
 
-Every head estimates the same thing (how good the continuation from this state is), from a different
-depth of the model. Their mean is the value; their spread (std over heads) is the uncertainty. The
-planner scores leaves by `mean - lambda * std` (an uncertainty penalty), and an injection whose heads
-disagree by more than a threshold is vetoed.
+Every head estimates the same thing (the probability that the continuation from this state succeeds),
+from a different depth of the model. The planner reads them as probabilities (sigmoid of each head's
+logit); their mean is the value, their spread (std over heads of the probabilities) the uncertainty.
+A plan whose heads disagree by more than `veto_threshold` is vetoed: the threshold is a percentile of
+the spread the heads show on held-out states (stage 3 measures it and stores it here), not a
+constant, so that a veto means "more disagreement than these heads usually show".
 
 Features per layer l and row b: the ssm state `[H, P, N]` pooled over N (-> [H*P]) and over P
 (-> [H*N]), concatenated and RMS-normalised, so the heads see the state's direction, not its scale
@@ -33,11 +35,15 @@ class ValueHeadsConfig:
     headdim: int
     d_state: int
     hidden: int = 64
+    veto_threshold: float | None = None   # calibrated spread threshold (None: not measured)
+    veto_percentile: float | None = None  # the percentile of held-out spreads it is
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "nheads", "headdim", "d_state", "hidden"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ValueHeadsConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.veto_threshold is not None and not self.veto_threshold >= 0:
+            raise ValueError(f"ValueHeadsConfig.veto_threshold must be >= 0, got {self.veto_threshold}")
 
     @classmethod
     def for_model(cls, config: MambaConfig, hidden: int = 64) -> "ValueHeadsConfig":
@@ -96,15 +102,14 @@ class ValueHeads(nn.Module):
 
 
 def spread(values: torch.Tensor) -> torch.Tensor:
-    """values: [..., L] -> [...] population std over heads (0 for a single head)."""
+    """values: [..., L] per-head probabilities -> [...] population std over heads (0 for a single head)."""
     return values.float().std(dim=-1, correction=0)
 
 
-def consensus(values: torch.Tensor, lam: float) -> torch.Tensor:
-    """values: [..., L] -> [...] mean over heads minus lam * std over heads."""
-    return values.float().mean(dim=-1) - lam * spread(values)
-
-
-def vetoed(values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """values: [..., L] -> [...] bool: the heads disagree by more than `threshold`."""
-    return spread(values) > threshold
+def calibrate_veto(probabilities: torch.Tensor, percentile: float = 99.0) -> float:
+    """probabilities: [N, L] the heads' probabilities on held-out states -> the spread at `percentile`:
+    the veto threshold, above which a plan's heads disagree more than they do on (100 - percentile)%
+    of states."""
+    if probabilities.dim() != 2 or probabilities.shape[0] == 0:
+        raise ValueError(f"need [N > 0, L] probabilities, got {tuple(probabilities.shape)}")
+    return float(torch.quantile(spread(probabilities), percentile / 100.0))

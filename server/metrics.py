@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crsm_core.engine import Engine, Session
-from crsm_core.injection import InjectionEvent, InjectionOutcome
+from crsm_core.injection import Effect, InjectionEvent, InjectionOutcome
 
 # Decoding is millisecond-scale: fine buckets from 0.5 ms, coarse ones up to whole requests.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -47,6 +47,10 @@ class ServerMetrics:
         self.planner_tasks = Gauge("crsm_planner_tasks", "Per-session planners alive", registry=r)
         self.injections = Counter("crsm_injections", "Planner results by injection outcome", ["outcome"],
                                   registry=r)
+        self.effects = Counter("crsm_injection_effects",
+                               "Applied planner results by what they did: suggested (their token was emitted), "
+                               "blended (their state was blended in), none (the emitted token was theirs or "
+                               "one they did not judge worse)", ["effect"], registry=r)
         self.acceptance = Gauge("crsm_injection_acceptance_ratio",
                                 "Applied (on time or late) over all planner results so far", registry=r)
         self.planner_lag_tokens = Histogram("crsm_planner_lag_tokens",
@@ -61,6 +65,8 @@ class ServerMetrics:
             gauge.set(0)
         for outcome in InjectionOutcome:
             self.injections.labels(outcome.value)
+        for effect in Effect:
+            self.effects.labels(effect.value)
         self.acceptance.set(0)
         self._lock = threading.Lock()
         self._resolved = self._accepted = 0
@@ -74,6 +80,8 @@ class ServerMetrics:
     def injection(self, event: InjectionEvent) -> None:
         """Every planner result, when the generator (or the session's close) resolves it."""
         self.injections.labels(event.outcome.value).inc()
+        if event.effect is not None:
+            self.effects.labels(event.effect.value).inc()
         with self._lock:
             self._resolved += 1
             self._accepted += event.outcome in ACCEPTED

@@ -68,18 +68,22 @@ class DeliberationKnobs(BaseModel):
     """The deliberation settings a request or the server may choose; None = the base config's value."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    lag: int | None = Field(None, ge=1, le=MAX_LAG)
-    """tokens a plan aims ahead of its snapshot"""
+    lag: int | None = Field(None, ge=0, le=MAX_LAG)
+    """tokens a plan speculates before the position it plans for (default: from the measured latency)"""
     simulations: int | None = Field(None, ge=1, le=MAX_SIMULATIONS)
     """searches per plan"""
     injection_rate: float | None = Field(None, ge=0.0, le=1.0)
     """how far a landed plan moves the state (the gates' scale)"""
     use_suggestions: bool | None = None
-    """the planned token replaces sampling when it is ready in time"""
+    """a confident plan's token replaces the sampled one when it is in time"""
+    synchronous: bool | None = None
+    """a plan for every position, which the session waits for: the output is reproducible"""
+    verifier: str | None = Field(None, max_length=64)
+    """score plans with this checker (one of the model's, e.g. arithmetic) instead of the value heads"""
 
     def apply_to(self, base: DeliberationConfig) -> DeliberationConfig:
         """`base` with the fields that are set (their bounds are within DeliberationConfig's)."""
-        changes = {name: value for name in ("lag", "injection_rate", "use_suggestions")
+        changes = {name: value for name in ("lag", "injection_rate", "use_suggestions", "synchronous", "verifier")
                    if (value := getattr(self, name)) is not None}
         if self.simulations is not None:
             changes["planner"] = dataclasses.replace(base.planner, n_simulations=self.simulations)

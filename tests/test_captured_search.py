@@ -50,7 +50,7 @@ def test_on_the_cpu_a_padded_bucket_gives_the_eager_search(ride):
     eager = search(states, logits, toy.step, toy.value, CONFIG)
     stepped = sum(len(c) for c in toy.step_calls)
     rider = Ride(toy.step)
-    steps = dict(ride=rider) if ride else dict(step_fn=toy.step)
+    steps = dict(ride=rider.step) if ride else dict(step_fn=toy.step)
     captured = CapturedSearch(CONFIG, states.rows(slice(0, 1)), TOY_VOCAB, heads=states.n_layer,
                               value_fn=toy.value, max_roots=4, **steps)
     assert captured.buckets == (1, 2, 4)
@@ -113,12 +113,12 @@ def test_graph_replays_give_the_eager_search_on_a_gpu(ride):
     weights = torch.randn(config.n_layer, config.nheads * config.ssm_cfg.headdim * config.ssm_cfg.d_state,
                           device="cuda")
 
-    def value(s):
-        return torch.tanh(torch.einsum("lkd,ld->kl", s.ssm.flatten(2).float(), weights))
+    def value(s, roots, tokens):
+        return torch.sigmoid(torch.einsum("lkd,ld->kl", s.ssm.flatten(2).float(), weights))
 
     planner = dataclasses.replace(CONFIG, n_simulations=32)
     rider = Ride(model.step)
-    steps = dict(ride=rider) if ride else dict(step_fn=model.step)
+    steps = dict(ride=rider.step) if ride else dict(step_fn=model.step)
     captured = CapturedSearch(planner, states.rows(slice(0, 1)), config.vocab_size, config.n_layer, value,
                               max_roots=4, **steps)
     assert captured.graphed
@@ -153,7 +153,7 @@ def test_fused_tree_kernels_build_the_reference_trees(config):
         s.copy_(RecurrentState(host.conv.cuda(), host.ssm.cuda()))
         return out.cuda()
 
-    def toy_value(s):
+    def toy_value(s, roots, tokens):
         return toy.value(RecurrentState(s.conv.cpu(), s.ssm.cpu())).cuda()
 
     problems = [(on_gpu, logits.cuda(), toy_step, toy_value)]
@@ -163,7 +163,7 @@ def test_fused_tree_kernels_build_the_reference_trees(config):
     root_logits = model.prefill(torch.randint(0, 256, (3, 7), device="cuda"), root_states)
     weights = torch.randn(tiny.n_layer, tiny.nheads * tiny.ssm_cfg.headdim * tiny.ssm_cfg.d_state, device="cuda")
     problems.append((root_states, root_logits, model.step,
-                     lambda s: torch.tanh(torch.einsum("lkd,ld->kl", s.ssm.flatten(2), weights))))
+                     lambda s, r, t: torch.sigmoid(torch.einsum("lkd,ld->kl", s.ssm.flatten(2), weights))))
     for states, logits, step, value in problems:
         reference = search(states, logits, step, value, config, fused=False)
         fused = search(states, logits, step, value, config, fused=True)

@@ -50,7 +50,7 @@ class ToyProblem:
         length = int(states.ssm[0, row, 0, 1, 0])
         return states.ssm[0, row, 0, 0, :length].long().tolist()
 
-    def value(self, states: RecurrentState) -> torch.Tensor:
+    def value(self, states: RecurrentState, roots=None, tokens=None) -> torch.Tensor:
         heads = states.n_layer
         out = torch.empty(states.batch, heads)
         for row in range(states.batch):
@@ -92,10 +92,13 @@ def test_finds_the_best_action_against_misleading_priors_and_values(leaf_batch):
     states, logits = toy.roots([0])
     # The trap is real: the prior prefers the decoy, and so does a one-step look-ahead.
     assert int(logits.argmax()) == DECOY
-    shallow = search(states, logits, toy.step, toy.value, PlannerConfig(max_depth=1, leaf_batch=leaf_batch))
+    # Values are used on their absolute scale (policy.py), so c_puct sets how much value it takes to
+    # override the prior: here the right path is the least likely candidate at two levels.
+    config = PlannerConfig(n_simulations=64, leaf_batch=leaf_batch, c_puct=0.5)
+    shallow = search(states, logits, toy.step, toy.value, dataclasses.replace(config, max_depth=1))
     assert int(shallow.action) == DECOY
 
-    result = search(states, logits, toy.step, toy.value, PlannerConfig(max_depth=3, leaf_batch=leaf_batch))
+    result = search(states, logits, toy.step, toy.value, dataclasses.replace(config, max_depth=3))
     assert int(result.action) == 1
     assert principal_variation(result.tree, 0)[:1] == [1]
     assert int(result.root_visits[0, 1]) == int(result.root_visits.max())
@@ -108,7 +111,7 @@ def test_uncertainty_penalty_prefers_heads_that_agree():
     # Decoy: heads average 0.5 but disagree (std 0.4); token 1: heads agree on 0.4.
     toy = ToyProblem([[1, 1, 1]], disagree={DECOY: [0.9, 0.1, 0.9, 0.1], 1: [0.4] * 4})
     states, logits = toy.roots([0])
-    base = PlannerConfig(max_depth=1, n_simulations=24)
+    base = PlannerConfig(max_depth=1, n_simulations=24, c_puct=0.5)
     greedy = search(states, logits, toy.step, toy.value, dataclasses.replace(base, uncertainty_lambda=0.0))
     careful = search(states, logits, toy.step, toy.value, dataclasses.replace(base, uncertainty_lambda=1.0))
     assert int(greedy.action) == DECOY
@@ -188,7 +191,7 @@ def test_tree_tensors_stay_consistent(config):
     weights = torch.randn(4, 8 * 16 * 16)
     toy = ToyProblem([[1, 3, 3], [2, 3, 1], [3, 3, 3]])
 
-    def value(states):
+    def value(states, roots=None, tokens=None):
         return torch.sin(torch.einsum("lkd,ld->kl", states.ssm.flatten(2), weights) + toy.value(states))
 
     states, logits = toy.roots([0, 1, 2])
@@ -235,7 +238,8 @@ def test_tree_tensors_stay_consistent(config):
 
 def test_roots_searched_together_match_roots_searched_alone():
     toy = ToyProblem([[1, 3, 3], [2, 3, 1], [0, 2, 1]])
-    config = PlannerConfig(n_simulations=24, top_k=3, max_depth=3, leaf_batch=4)
+    # the toy's values differ by tenths: a larger value scale lets them decide the final choice
+    config = PlannerConfig(n_simulations=24, top_k=3, max_depth=3, leaf_batch=4, c_scale=1.0)
     tasks = [0, 1, 2]
     states, logits = toy.roots(tasks)
     together = search(states, logits, toy.step, toy.value, config)
@@ -280,7 +284,7 @@ def test_invalid_inputs_are_rejected():
     with pytest.raises(ValueError, match="root_logits"):
         search(states, logits[:1], toy.step, toy.value, PlannerConfig())
     with pytest.raises(ValueError, match="value_fn"):
-        search(states, logits, toy.step, lambda s: toy.value(s)[:, 0], PlannerConfig())
+        search(states, logits, toy.step, lambda s, r, t: toy.value(s)[:, 0], PlannerConfig())
     with pytest.raises(ValueError, match="step_fn"):
         search(states, logits, lambda t, s: toy.step(t, s)[:, :4], toy.value, PlannerConfig())
 
@@ -298,7 +302,7 @@ def test_search_with_the_tiny_backbone(device):
     heads = torch.randn(config.n_layer, config.nheads * config.ssm_cfg.headdim * config.ssm_cfg.d_state,
                         device=device)
 
-    def value(states):   # one random linear head per layer on that layer's ssm state
+    def value(states, roots=None, tokens=None):   # one random linear head per layer on that layer's ssm state
         return torch.tanh(torch.einsum("lkd,ld->kl", states.ssm.flatten(2), heads))
 
     planner = PlannerConfig(n_simulations=32)
@@ -314,7 +318,7 @@ def test_search_with_the_tiny_backbone(device):
                        torch.sort(root_logits.cpu(), dim=1, descending=True, stable=True)[1][:, :4])
     assert all(int(a) in result.root_actions[r].tolist() for r, a in enumerate(result.action))
     assert result.root_visits.sum(dim=1).tolist() == [32, 32]
-    assert torch.allclose(result.score, result.layer_values.mean(1) - result.layer_values.std(1, correction=0))
+    assert torch.allclose(result.score, result.layer_values.mean(1))   # no uncertainty penalty by default
     assert result.stats.simulations == 64 and result.stats.wall_time_s > 0
     # The target state is what the backbone holds after reading the chosen token.
     exact = root_states.clone()

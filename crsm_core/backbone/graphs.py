@@ -24,13 +24,11 @@ from typing import Callable
 
 import torch
 
-from ..state import RecurrentState
+from ..state import RecurrentState, StepFn
 from .model import MambaLM
 
 log = logging.getLogger(__name__)
 
-# (tokens [B], state rows [B], advanced in place) -> logits [B, V]
-StepFn = Callable[[torch.Tensor, RecurrentState], torch.Tensor]
 
 
 def default_buckets(max_batch: int) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ import torch
 from ..engine import Engine
 from ..engine_config import PLANNER_MODES
 from ..injection import InjectionOutcome
-from ..planner.runtime import PlanRequest
+from ..planner.runtime import PlanRequest, TokenLog
 from ..streams import record_current
 from .engine_bench import GREEDY, engine_config, release_device_memory, requests_for, run_sessions, stream_run, \
     warm_up
@@ -37,34 +37,33 @@ OUTCOMES = tuple(o.value for o in InjectionOutcome)
 PLANS_ALONE = 5
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def plan_alone(workload: Workload, model, roots: int, plans: int = PLANS_ALONE) -> PlanAlone:
     """Time `plans` batched plans of `roots` sessions (after one untimed, which also captures the
-    search's graphs), handed to the model's planner worker the way sessions hand theirs: the planner's
-    own speed, before any contention with a generator."""
+    search's graphs), handed to the model's planner worker as sessions hand theirs: the planner's own
+    speed, before any contention with a generator. Each plans for the position of its snapshot."""
     runtime = model.runtime
-    deliberators = [model.new_deliberator(model.config, runtime) for _ in range(roots)]
     device = workload.backbone.device
     snapshots = []
     for prompt in workload.prompts(roots, salt=300):
         state = workload.backbone.allocate_state(1)
         logits = workload.backbone.prefill(torch.tensor([prompt], device=device), state)   # [1, V]
-        snapshots.append((state, logits, len(prompt)))
+        snapshots.append((state, logits, prompt))
 
-    def plan_all() -> float:
+    def plan_all() -> tuple[float, float]:
         start = time.perf_counter()
-        requests = [PlanRequest(d, state.clone(), logits.clone(), position)
-                    for d, (state, logits, position) in zip(deliberators, snapshots)]
+        requests = [PlanRequest(i, model.config, state.clone(), logits.clone(), len(prompt), TokenLog(prompt),
+                                GREEDY, 0, 0, 0, model.veto_threshold)
+                    for i, (state, logits, prompt) in enumerate(snapshots)]
         for request in requests:
             request.ready = record_current(device)
-        for future in runtime.submit(requests):
-            future.result()
-        return time.perf_counter() - start
+        results = [future.result() for future in runtime.submit(requests)]
+        return time.perf_counter() - start, sum(r.entry.planner_stats["state_steps"] for r in results)
 
     plan_all()
-    before = sum(d.planner_counters.state_steps for d in deliberators)
-    latencies = [plan_all() for _ in range(plans)]
-    steps = (sum(d.planner_counters.state_steps for d in deliberators) - before) / plans
+    timed = [plan_all() for _ in range(plans)]
+    latencies = [t for t, _ in timed]
+    steps = sum(s for _, s in timed) / plans
     return PlanAlone(roots=roots, plans=plans, latency=LatencyStats.of(latencies), state_steps_per_plan=steps,
                      state_steps_per_s=steps * plans / sum(latencies))
 
@@ -123,7 +122,14 @@ def _row(mode: str, n: int, off, on, warmup: int, stepped: int) -> DeliberationR
         rows_stepped_per_s=stepped / on.wall_s,
         plans_launched=counters["launched"],
         plans_finished=counters["launched"] - counters["cancelled"] - counters["failed"],
-        injections={o: counters[o] for o in OUTCOMES}, counters=dict(sorted(counters.items())))
+        injections={o: counters[o] for o in OUTCOMES}, counters=dict(sorted(counters.items())),
+        landing_ratio=landing_ratio(counters))
+
+
+def landing_ratio(counters: Counter[str]) -> float | None:
+    """Applied (on time or caught up) over the plan results that were not vetoed."""
+    judged = counters["produced"] - counters["vetoed"]
+    return None if judged <= 0 else (counters["applied"] + counters["applied_late"]) / judged
 
 
 def deliberation_section(workload: Workload) -> DeliberationResult:

@@ -140,7 +140,8 @@ def _baselines(run: BenchRun) -> list[str]:
 
 def _deliberation(run: BenchRun) -> list[str]:
     header = ["planner mode", "sessions", "ITL p50 off / on (ms)", "p50 ratio", "ITL p99 off / on (ms)", "p99 ratio",
-              "state-steps/s", "rows stepped/s", "plans launched / finished", "injections: applied / late / pruned / vetoed / rejected"]
+              "state-steps/s", "rows stepped/s", "plans launched / finished", "landing ratio",
+              "results: applied / late / pruned / vetoed / diverged / rejected", "effects: suggested / blended"]
     outcome = run.sections.get("deliberation")
     if (missing := _missing_table(outcome, header)) is not None:
         return missing
@@ -152,7 +153,9 @@ def _deliberation(run: BenchRun) -> list[str]:
                      f"{r.p50_ratio:.2f}x", f"{_ms(r.off.itl.p99_ms)} / {_ms(r.on.itl.p99_ms)}", f"{r.p99_ratio:.2f}x",
                      _rate(r.state_steps_per_s), _rate(r.rows_stepped_per_s),
                      f"{r.plans_launched} / {r.plans_finished}",
-                     " / ".join(str(i[k]) for k in ("applied", "applied_late", "pruned", "vetoed", "rejected"))])
+                     "-" if r.landing_ratio is None else f"{r.landing_ratio:.2f}",
+                     " / ".join(str(i[k]) for k in ("applied", "applied_late", "pruned", "vetoed", "diverged", "rejected")),
+                     f"{r.counters.get('suggested', 0)} / {r.counters.get('blended', 0)}"])
     planner = result.deliberation_config["planner"]
     config = result.deliberation_config
     alone = "; ".join(f"{a.roots} session(s): {a.latency.p50_ms:.1f} ms p50 over {a.plans} plans, "
@@ -160,13 +163,14 @@ def _deliberation(run: BenchRun) -> list[str]:
                       for a in result.plans_alone)
     return _table(header, rows) + [
         "", f"Plans alone (the planner worker, batched over the sessions, nothing else running): {alone}.",
-        "", f"{result.tokens_per_session} tokens per session. Planner settings: lag {config['lag']}, fast-forward `{config['fast_forward']}`, children "
-            f"`{config['children']}`, {planner['n_simulations']} simulations, top-k {planner['top_k']}, depth "
-            f"{planner['max_depth']}; untrained dynamics and value heads. State-steps/s: the done events' "
+        "", f"{result.tokens_per_session} tokens per session. Planner settings: lag "
+            f"{'from the measured latency' if config['lag'] is None else config['lag']}, `{config['steps']}` steps, "
+            f"{planner['n_simulations']} simulations, top-k {planner['top_k']}, depth "
+            f"{planner['max_depth']}; untrained value heads. Landing ratio: results applied on time or caught up, "
+            "over the results that were not vetoed. State-steps/s: the done events' "
             "`state_steps` summed over sessions, over the planners-on run's wall time; a plan still running when "
             "its session ends is cancelled and not counted (launched minus finished). Rows stepped/s: the rows "
-            "the engine's planner runtime advanced by one token during the run (dynamics, exact or riding "
-            "steps), finished plans or not. In ride mode every step is an exact backbone step."]
+            "the engine's planner runtime advanced by one token during the run, finished plans or not."]
 
 
 def _http(run: BenchRun) -> list[str]:

@@ -94,6 +94,7 @@ class DeliberationRow:
     plans_finished: int        # launched, minus those cut short by their session's end or failed
     injections: dict[str, int]  # by outcome, summed over sessions
     counters: dict[str, int]   # every deliberation counter, summed over sessions
+    landing_ratio: float | None  # applied (on time or caught up) over the results that were not vetoed
 
 
 @dataclass(frozen=True)

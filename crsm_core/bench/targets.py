@@ -104,6 +104,7 @@ def evaluate_targets(run: BenchRun) -> list[TargetCheck]:
         checks.append(Target(f"{where}: ITL p99 vs off", "x", 1.25, at_most=True).check(get("p99_ratio")))
         checks.append(Target(f"{where}: planner state-steps/s", "/s", 10_000, at_most=False)
                       .check(get("state_steps_per_s")))
+        checks.append(Target(f"{where}: landing ratio", "", 0.90, at_most=False).check(get("landing_ratio")))
 
     outcome = run.sections.get("http")
     http: HttpResult | None = outcome.result if outcome is not None and outcome.status == "ok" else None

@@ -32,13 +32,11 @@ def bench_model_config(quick: bool) -> MambaConfig:
 
 
 def deliberation_config(quick: bool) -> DeliberationConfig:
-    """The planners' settings. On the GPU the default search with exact backbone steps: there the fused,
-    captured backbone step is cheaper than the (unfused) latent dynamics step, 1.33 against 2.06 ms at
-    4 rows and 2.60 against 4.45 ms at 64 on an H200 (docs/benchmarks.md), and it is exact. --quick
-    uses a small search with the dynamics, so that plans finish within its few tokens on the CPU."""
+    """The planners' settings: the defaults (exact steps, the lag from the measured latency). --quick
+    uses a small search, so that plans finish within its few tokens on the CPU."""
     if quick:
         return DeliberationConfig(planner=PlannerConfig(n_simulations=4, top_k=2, max_depth=2, leaf_batch=2))
-    return DeliberationConfig(fast_forward="exact", children="exact")
+    return DeliberationConfig()
 
 
 class TokenIdTokenizer:

@@ -9,9 +9,9 @@ long stretches of tensor bookkeeping that the generator thread has to wait out.
 Graphs per bucket of roots (1, 2, 4, ... up to `max_roots`; a search of R roots runs the smallest
 bucket >= R, the extra roots copies of the first, their results ignored):
 - `begin`: fresh trees, roots stored and evaluated.
-- a round: with `step_fn` given, ONE graph (select, step, finish); in ride mode (`step_fn` None) two
-  graphs, select and finish, and the caller's `ride` stepper steps the rows between them (their
-  step happens inside the generator's own captured decode step).
+- a round: with `step_fn` given, ONE graph (select, step, finish); in ride mode (`ride` given) two
+  graphs, select and finish, and the `ride` step function steps the rows between them (their step
+  happens inside the generator's own captured decode step).
 - `read_out`: the chosen actions, their target states and the statistics.
 The host synchronises once after the base rounds (to see whether collisions left a root short) and
 once to read the statistics.
@@ -20,7 +20,8 @@ Memory: per bucket of B roots, B * (1 + n_simulations + 2 * leaf_batch + 1) stat
 scratch, step rows, the roots); for the 768 x 24 backbone in bf16 (9.8 MB a row) and the default
 planner, about 0.4 GB per root, 12.6 GB for all buckets up to 16.
 
-Off CUDA nothing is captured: `run` is the eager search on the same buffers.
+Off CUDA nothing is captured: `run` is the eager search on the same buffers, which are allocated for
+a bucket the first time a search of that many roots runs.
 """
 from __future__ import annotations
 
@@ -32,8 +33,7 @@ from typing import Callable
 import torch
 
 from ..backbone.graphs import _warm_up, default_buckets
-from ..dynamics import Stepper
-from ..state import RecurrentState
+from ..state import RecurrentState, StepFn
 from .search import (PlannerConfig, SearchBuffers, SearchOutputs, SearchResult, StepFn, ValueFn, begin,
                      eager_round, finish_round, read_out, result_of, run_rounds, select_round)
 
@@ -55,22 +55,37 @@ class CapturedSearch:
     """`run(states, logits, on_round) -> SearchResult` for searches of one PlannerConfig.
 
     like: a state of the node states' shape, dtype and device (1 row is enough); step_fn: the
-    children's step (captured into the round graph) or None for ride mode, where `ride` steps them."""
+    children's step (captured into the round graph), or ride: the step that carries them between the
+    graphs (ride mode); terminal_token: the end-of-text token."""
 
     def __init__(self, config: PlannerConfig, like: RecurrentState, vocab: int, heads: int, value_fn: ValueFn,
-                 step_fn: StepFn | None = None, ride: Stepper | None = None, max_roots: int = 16):
+                 step_fn: StepFn | None = None, ride: StepFn | None = None, max_roots: int = 16,
+                 terminal_token: int | None = None):
         if (step_fn is None) == (ride is None):
             raise ValueError("give exactly one of step_fn (steps inside the graphs) or ride (steps between them)")
         self.config, self.value_fn, self.step_fn, self.ride = config, value_fn, step_fn, ride
+        self.vocab, self.heads, self.terminal_token = vocab, heads, terminal_token
+        self._like = like.rows(slice(0, 1))
         self.buckets = default_buckets(max_roots)
         self.graphed = like.ssm.is_cuda
-        self._programs = {b: _Program(SearchBuffers(config, b, like, vocab, heads)) for b in self.buckets}
+        self._programs: dict[int, _Program] = {}
         if self.graphed:
             mempool = torch.cuda.graph_pool_handle()
             with torch.inference_mode():
                 for bucket in reversed(self.buckets):   # largest first: the shared pool is sized once
-                    self._capture(self._programs[bucket], mempool)
+                    self._capture(self._program(bucket), mempool)
             log.info("captured searches (%s) for %s roots", config, self.buckets)
+
+    def _program(self, bucket: int) -> _Program:
+        if bucket not in self._programs:
+            self._programs[bucket] = _Program(SearchBuffers(self.config, bucket, self._like, self.vocab, self.heads,
+                                                            terminal_token=self.terminal_token))
+        return self._programs[bucket]
+
+    @staticmethod
+    def rows_per_root(config: PlannerConfig) -> int:
+        """State rows one root's buffers hold: its node pool, the round's scratch and step rows, the root."""
+        return config.capacity + 2 * config.leaf_batch + 1
 
     @property
     def max_roots(self) -> int:
@@ -121,7 +136,7 @@ class CapturedSearch:
         n_roots = states.batch
         if logits.shape != (n_roots, self.vocab):
             raise ValueError(f"root logits must be [R={n_roots}, V={self.vocab}], got {tuple(logits.shape)}")
-        program = self._programs[self.bucket_for(n_roots)]
+        program = self._program(self.bucket_for(n_roots))
         b = program.buffers
         b.root_states.rows(slice(0, n_roots)).copy_(states)
         b.root_logits[:n_roots].copy_(logits)
@@ -133,13 +148,13 @@ class CapturedSearch:
             if on_round is not None:
                 on_round(b.step_rows)
             if not self.graphed:   # the eager search, stepping through whichever stepper
-                eager_round(b, self.step_fn or self.ride.step, self.value_fn)
+                eager_round(b, self.step_fn or self.ride, self.value_fn)
                 return
             if program.round is not None:
                 program.round.replay()
             else:
                 program.select.replay()
-                b.step_logits.copy_(self.ride.step(b.step_tokens, b.step_states))
+                b.step_logits.copy_(self.ride(b.step_tokens, b.step_states))
                 program.finish.replay()
             b.rows_stepped += b.step_rows
 
@@ -155,7 +170,3 @@ class CapturedSearch:
         else:
             outputs = read_out(b)
         return result_of(outputs.first(n_roots), b, started)
-
-    @property
-    def vocab(self) -> int:
-        return self._programs[1].buffers.vocab

@@ -8,8 +8,8 @@ plan on an H200). A root's walk is a short sequential loop over a few dozen byte
 does it in registers. The tensor version in search.py is the reference and runs everywhere else;
 tests/test_captured_search.py checks that both build the same trees.
 
-Arithmetic follows the reference's order with round-to-nearest division and square root, so that
-PUCT scores match bit for bit; the consensus score's mean and std over heads are reduced in another
+Arithmetic follows the reference's order (policy.py) with round-to-nearest division and square root,
+so that PUCT scores match bit for bit; the consensus score's mean and std over heads are reduced in another
 order than torch's and may differ in the last bit.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ if triton is not None:
     @triton.jit
     def _select_kernel(children, child_action, child_prior, parent, action, prior, depth, visits, virtual, score,
                        num_nodes, done, paths, leaf, created, collisions,
-                       R, N, n_simulations, c_puct, virtual_loss, eps,
+                       R, N, n_simulations, c_puct, virtual_loss, eps, terminal_token,
                        J: tl.constexpr, D: tl.constexpr, K: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
@@ -47,6 +47,7 @@ if triton is not None:
             path = tl.where(ds == 0, tl.where(run != 0, 0, -1), -1).to(tl.int64)
             for level in tl.static_range(D):
                 row = base + node
+                run = run * (tl.load(action + row) != terminal_token).to(tl.int32)   # end-of-text: a leaf
                 ch = tl.load(children + row * K + ks, mask=k_ok, other=-1)
                 expanded = ch >= 0
                 chc = tl.where(expanded, ch, 0)
@@ -55,10 +56,7 @@ if triton is not None:
                 visited = n_child > 0
                 child_score = tl.load(score + base + chc, mask=k_ok, other=0.0)
                 node_score = tl.load(score + row)
-                low = tl.minimum(node_score, tl.min(tl.where(visited & k_ok, child_score, float("inf")), axis=0))
-                high = tl.maximum(node_score, tl.max(tl.where(visited & k_ok, child_score, -float("inf")), axis=0))
-                scale = tl.maximum(high - low, eps)
-                q = tl.where(visited, tl.div_rn(child_score - low, scale), tl.div_rn(node_score - low, scale))
+                q = tl.where(visited, child_score, node_score)   # policy.child_q, in its order
                 seen = n_child + v_child
                 q = tl.where(seen > 0, tl.div_rn(q * n_child, tl.maximum(seen, eps)), q)
                 n_node = tl.load(visits + row).to(tl.float32) + tl.load(virtual + row)
@@ -149,6 +147,7 @@ def select(buffers, eps: float) -> None:
         tree.visit_count, tree.virtual_visits, tree.score, tree.num_nodes, b.done, b.paths, b.leaf,
         b.created.view(torch.int8), b.root_counters[1],
         b.roots, tree.capacity, c.n_simulations, float(c.c_puct), float(c.virtual_loss), eps,
+        -2 if tree.terminal_token is None else tree.terminal_token,   # -2: no token (roots hold -1)
         J=c.leaf_batch, D=c.max_depth, K=c.top_k, BLOCK_K=_block(c.top_k), BLOCK_D=_block(c.max_depth + 1))
 
 

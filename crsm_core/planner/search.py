@@ -9,11 +9,11 @@ backed up along their paths. A simulation ends either on a new leaf or on a leaf
 round is not selectable until evaluated; a selection that finds every candidate of a node taken
 that way is a collision: it is dropped (counted) and retried in a later round.
 
-Selection at a node picks the candidate slot maximising Q + U (AlphaZero's PUCT):
-  Q = consensus score (mean over heads - lambda * std over heads of value_sum / visits), min-max
-      normalised over the node and its visited children (mctx's qtransform_by_parent_and_siblings);
-      an unvisited child takes the node's own score; pending (virtual) visits count as value 0.
-  U = c_puct * prior * sqrt(N_node) / (1 + N_child), N including virtual visits.
+Selection at a node picks the candidate slot maximising Q + U (AlphaZero's PUCT, policy.py), with Q
+the consensus of the child's mean per-head values, probabilities in [0, 1], used as they are (no
+per-node rescaling). A node reached by the end-of-text token is terminal: selection stops there and
+backs its value up again, as at the depth cap. The chosen action maximises log prior + a value term
+that grows with the visits (policy.final_slot), among the root children the search valued.
 Ties go to the lower slot, i.e. the higher prior. Nothing is random: same inputs, same tree.
 
 Fixed shapes. Every round steps all J * R rows, whether or not a selection created a leaf: a
@@ -36,18 +36,16 @@ from typing import Callable
 
 import torch
 
-from ..state import RecurrentState
-from . import kernels
+from ..state import RecurrentState, StepFn
+from . import kernels, policy
 from .tree import Tree, consensus_score, top_k_candidates
 
 logger = logging.getLogger(__name__)
 
-# (tokens [K] long, states with K rows, advanced in place) -> logits [K, V]
-StepFn = Callable[[torch.Tensor, RecurrentState], torch.Tensor]
-# states with K rows -> per-layer values [K, L] (one value head per layer)
-ValueFn = Callable[[RecurrentState], torch.Tensor]
-
-_SCALE_EPS = 1e-8
+# (states with K rows, roots [K] long: whose tree each row is in, tokens [K, D] long: the tokens read
+# from that root to the row, -1 past the last) -> per-head values [K, H], probabilities in [0, 1].
+# Learned heads read the states; a verifier reads the tokens (with the root's own context).
+ValueFn = Callable[[RecurrentState, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -58,14 +56,17 @@ class PlannerConfig:
     max_depth: int = 4           # depth of the deepest node below the root
     leaf_batch: int = 4          # selections per root and round, evaluated together
     virtual_loss: float = 1.0    # pseudo-visits of value 0 added along a pending path
-    uncertainty_lambda: float = 1.0  # consensus score = mean over heads - lambda * std over heads
+    uncertainty_lambda: float = 0.0  # consensus score = mean over heads - lambda * std (tree.py: why 0)
+    c_visit: float = 50.0        # the final choice's value scale, (c_visit + max visits) * c_scale (policy.py)
+    c_scale: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("n_simulations", "top_k", "max_depth", "leaf_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, positive in (("c_puct", True), ("virtual_loss", False), ("uncertainty_lambda", False)):
+        for name, positive in (("c_puct", True), ("virtual_loss", False), ("uncertainty_lambda", False),
+                               ("c_visit", False), ("c_scale", False)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -98,13 +99,14 @@ class SearchStats:
 
 @dataclass
 class SearchResult:
-    action: torch.Tensor          # [R] long; most visited root child (ties -> higher prior)
+    action: torch.Tensor          # [R] long; the chosen root child (policy.final_slot)
     target_state: RecurrentState  # R rows; the state of that child
     layer_values: torch.Tensor    # [R, L] that child's mean per-layer value (value_sum / visits)
     score: torch.Tensor           # [R] its consensus score
     spread: torch.Tensor          # [R] std over heads of layer_values
     root_visits: torch.Tensor     # [R, top_k] long; visits of the root's candidates (0 = never expanded)
     root_actions: torch.Tensor    # [R, top_k] long; the root's candidate tokens, highest prior first
+    root_q: torch.Tensor          # [R, top_k] the candidates' scores (0 = never expanded)
     stats: SearchStats
     tree: Tree                    # the whole search tree, for inspection
     # Every tensor is on the root states' device.
@@ -117,7 +119,7 @@ class SearchBuffers:
     + j * R + r for selection j of root r (where a selection that made no node is stepped to)."""
 
     def __init__(self, config: PlannerConfig, roots: int, like: RecurrentState, vocab: int, heads: int,
-                 fused: bool | None = None):
+                 fused: bool | None = None, terminal_token: int | None = None):
         if config.top_k > vocab:
             raise ValueError(f"top_k={config.top_k} exceeds the vocabulary ({vocab})")
         self.config, self.roots, self.vocab, self.heads = config, roots, vocab, heads
@@ -125,7 +127,7 @@ class SearchBuffers:
         # the tree's selections and backups as fused kernels (planner/kernels.py) or tensor operations
         self.fused = kernels.available(device) if fused is None else fused
         J, R, N = config.leaf_batch, roots, config.capacity
-        self.tree = Tree.empty(R, N, config.top_k, heads, config.uncertainty_lambda, device)
+        self.tree = Tree.empty(R, N, config.top_k, heads, config.uncertainty_lambda, device, terminal_token)
         self.pool = _state_like(like, R * N + J * R)
         long = dict(dtype=torch.long, device=device)
         rows = torch.arange(R, **long)
@@ -141,6 +143,8 @@ class SearchBuffers:
         self.leaf = torch.zeros(J, R, **long)
         self.created = torch.zeros(J, R, dtype=torch.bool, device=device)
         self.leaf_values = torch.zeros(J, R, heads, dtype=torch.float32, device=device)
+        self.leaf_tokens = torch.full((J * R, config.max_depth), -1, **long)   # what the new leaves read
+        self.step_roots = rows.repeat(J)                                        # [J * R]: row j * R + r -> r
         self.step_tokens = torch.zeros(J * R, **long)
         self.parent_rows = torch.zeros(J * R, **long)
         self.child_rows = torch.zeros(J * R, **long)
@@ -166,9 +170,10 @@ def _state_like(like: RecurrentState, rows: int) -> RecurrentState:
                           like.ssm.new_zeros((like.n_layer, rows, *like.ssm.shape[2:])))
 
 
-def _values(value_fn: ValueFn, states: RecurrentState, heads: int) -> torch.Tensor:
+def _values(value_fn: ValueFn, states: RecurrentState, roots: torch.Tensor, tokens: torch.Tensor,
+            heads: int) -> torch.Tensor:
     """-> [rows, H] float32 per-head values, shape-checked."""
-    values = value_fn(states)
+    values = value_fn(states, roots, tokens)
     if values.shape != (states.batch, heads):
         raise ValueError(f"value_fn must return [{states.batch}, {heads}] values, got {tuple(values.shape)}")
     return values.to(torch.float32)
@@ -184,7 +189,7 @@ def begin(buffers: SearchBuffers, value_fn: ValueFn, root_values: torch.Tensor |
     b.rows_stepped = 0
     b.pool.scatter_(b.root_rows, b.root_states)
     if root_values is None:
-        root_values = _values(value_fn, b.root_states, b.heads)
+        root_values = _values(value_fn, b.root_states, tree.rows, b.leaf_tokens[:b.roots].clone().fill_(-1), b.heads)
     tree.num_nodes.fill_(1)
     tree.set_candidates(torch.zeros_like(tree.rows), *top_k_candidates(b.root_logits, tree.top_k))
     tree.backup(b.root_path, root_values)
@@ -198,7 +203,7 @@ def select_round(buffers: SearchBuffers) -> None:
     selections = (config.n_simulations - b.done).clamp(min=0, max=J)     # [R]
     b.rounds += (selections > 0).any().long()
     if b.fused:
-        kernels.select(b, _SCALE_EPS)
+        kernels.select(b, policy.EPS)
     for j in range(0 if b.fused else J):
         active = selections > j
         if _cheap_to_inspect(active) and not bool(active.any()):
@@ -221,6 +226,7 @@ def select_round(buffers: SearchBuffers) -> None:
     b.step_tokens.copy_(torch.where(b.created, tree.action[roots, b.leaf], 0).flatten())
     b.parent_rows.copy_(torch.where(b.created, base + parent, base).flatten())
     b.child_rows.copy_(torch.where(b.created, base + b.leaf, b.scratch_rows).flatten())
+    b.leaf_tokens.copy_(tree.path_tokens(b.step_roots, b.paths.view(J * R, -1)))
     torch.index_select(b.pool.conv, 1, b.parent_rows, out=b.step_states.conv)
     torch.index_select(b.pool.ssm, 1, b.parent_rows, out=b.step_states.ssm)
 
@@ -263,7 +269,7 @@ def finish_round(buffers: SearchBuffers, logits: torch.Tensor, value_fn: ValueFn
     _checked(logits, J * R, b.vocab)
     b.pool.scatter_(b.child_rows, b.step_states)
     actions, priors = top_k_candidates(logits, tree.top_k)
-    values = _values(value_fn, b.step_states, b.heads).view(J, R, b.heads)
+    values = _values(value_fn, b.step_states, b.step_roots, b.leaf_tokens, b.heads).view(J, R, b.heads)
     leaf_values = torch.where(b.created.unsqueeze(2), values, b.leaf_values)
     if b.fused:
         kernels.backup(b, leaf_values, actions, priors)
@@ -283,6 +289,7 @@ class SearchOutputs:
     layer_values: torch.Tensor    # [R, L]
     root_visits: torch.Tensor     # [R, K]
     root_actions: torch.Tensor    # [R, K]
+    root_q: torch.Tensor          # [R, K]
     per_root: torch.Tensor        # [R, 5] long: simulations, expansions, collisions, max depth, nodes
     rounds: torch.Tensor          # [1] long: rounds in which some root had work
 
@@ -292,7 +299,8 @@ class SearchOutputs:
         return SearchOutputs(
             action=self.action[cut].clone(), target_state=self.target_state.rows(cut).clone(),
             layer_values=self.layer_values[cut].clone(), root_visits=self.root_visits[cut].clone(),
-            root_actions=self.root_actions[cut].clone(), per_root=self.per_root[cut].clone(),
+            root_actions=self.root_actions[cut].clone(), root_q=self.root_q[cut].clone(),
+            per_root=self.per_root[cut].clone(),
             rounds=self.rounds.clone())
 
 
@@ -301,13 +309,16 @@ def read_out(buffers: SearchBuffers) -> SearchOutputs:
     rows = tree.rows
     children = tree.children[:, 0]                                        # [R, K]
     root_visits = tree.visit_count.gather(1, children.clamp(min=0)) * (children >= 0)
-    slot = root_visits.argmax(dim=1)                                      # first maximum: the higher prior
+    root_q = tree.score.gather(1, children.clamp(min=0)) * (children >= 0)
+    c = b.config
+    slot = policy.final_slot(tree.child_prior[:, 0], root_q, root_visits, c.c_visit, c.c_scale)
     best = children[rows, slot].clamp(min=0)
     per_root = torch.stack([b.done, b.root_counters[0], b.root_counters[1], tree.depth.amax(dim=1),
                             tree.num_nodes], dim=1)
     return SearchOutputs(action=tree.child_action[rows, 0, slot], target_state=b.pool.gather(b.root_rows + best),
                          layer_values=tree.mean_values(rows, best), root_visits=root_visits,
-                         root_actions=tree.child_action[:, 0], per_root=per_root, rounds=b.rounds.clone())
+                         root_actions=tree.child_action[:, 0], root_q=root_q, per_root=per_root,
+                         rounds=b.rounds.clone())
 
 
 def result_of(outputs: SearchOutputs, buffers: SearchBuffers, started: float) -> SearchResult:
@@ -324,24 +335,27 @@ def result_of(outputs: SearchOutputs, buffers: SearchBuffers, started: float) ->
     return SearchResult(
         action=outputs.action, target_state=outputs.target_state, layer_values=outputs.layer_values,
         score=consensus_score(outputs.layer_values, lam), spread=outputs.layer_values.std(dim=1, correction=0),
-        root_visits=outputs.root_visits, root_actions=outputs.root_actions, stats=stats, tree=buffers.tree)
+        root_visits=outputs.root_visits, root_actions=outputs.root_actions, root_q=outputs.root_q, stats=stats,
+        tree=buffers.tree)
 
 
 @torch.no_grad()
 def search(root_states: RecurrentState, root_logits: torch.Tensor, step_fn: StepFn, value_fn: ValueFn,
-           config: PlannerConfig, fused: bool | None = None) -> SearchResult:
+           config: PlannerConfig, fused: bool | None = None, terminal_token: int | None = None) -> SearchResult:
     """Search from R roots, eagerly. root_states: R rows (not modified); root_logits: [R, V], the
-    logits that came with them. fused: the tree kernels of kernels.py (default: where they run). The
-    buffers (node states: R * (1 + n_simulations + J) rows) are allocated here."""
+    logits that came with them. fused: the tree kernels of kernels.py (default: where they run);
+    terminal_token: the end-of-text token (its nodes are terminal). The buffers (node states:
+    R * (1 + n_simulations + J) rows) are allocated here."""
     started = time.perf_counter()
     n_roots = root_states.batch
     if root_logits.dim() != 2 or root_logits.shape[0] != n_roots:
         raise ValueError(f"root_logits must be [R={n_roots}, V], got {tuple(root_logits.shape)}")
-    root_values = value_fn(root_states)
+    no_tokens = torch.full((n_roots, config.max_depth), -1, dtype=torch.long, device=root_logits.device)
+    root_values = value_fn(root_states, torch.arange(n_roots, device=root_logits.device), no_tokens)
     if root_values.dim() != 2 or root_values.shape[0] != n_roots:
-        raise ValueError(f"value_fn must return [{n_roots}, L] values, got {tuple(root_values.shape)}")
+        raise ValueError(f"value_fn must return [{n_roots}, H] values, got {tuple(root_values.shape)}")
     buffers = SearchBuffers(config, n_roots, root_states, root_logits.shape[1], heads=root_values.shape[1],
-                            fused=fused)
+                            fused=fused, terminal_token=terminal_token)
     buffers.root_states.copy_(root_states)
     buffers.root_logits.copy_(root_logits)
     begin(buffers, value_fn, root_values.to(torch.float32))
@@ -372,9 +386,10 @@ def _select(tree: Tree, active: torch.Tensor, config: PlannerConfig):
     collided = torch.zeros_like(active)
     skip_idle = _cheap_to_inspect(rows)
     for depth in range(config.max_depth):   # nodes at max_depth have no children: the descent stops there
+        running = running & ~tree.is_terminal(rows, node)   # nor have end-of-text nodes
         if skip_idle and not bool(running.any()):
             break   # the remaining levels would change nothing
-        slot = _puct_slot(tree, node, config)
+        slot = policy.puct_slot(tree, node, config.c_puct)
         child = tree.children[rows, node, slot]
         expand = running & (child < 0)
         if not skip_idle or bool(expand.any()):
@@ -395,31 +410,3 @@ def _cheap_to_inspect(t: torch.Tensor) -> bool:
     """Whether the host may look at the tree's masks mid-search to skip work that would change
     nothing: on the CPU that is free; on a GPU it is a synchronisation, and impossible in a capture."""
     return t.device.type == "cpu"
-
-
-def _puct_slot(tree: Tree, node: torch.Tensor, config: PlannerConfig) -> torch.Tensor:
-    """node: [R] -> the candidate slot [R] maximising Q + U at each root's current node."""
-    rows = tree.rows
-    children = tree.children[rows, node]                       # [R, K]
-    expanded = children >= 0
-    child = children.clamp(min=0)
-    row = rows.unsqueeze(1)
-    n_child = tree.visit_count[row, child].to(torch.float32) * expanded
-    v_child = tree.virtual_visits[row, child] * expanded
-    visited = n_child > 0
-    child_score = tree.score[row, child]                       # [R, K]
-    node_score = tree.score[rows, node]                        # [R]
-    low = torch.minimum(node_score, torch.where(visited, child_score, math.inf).amin(dim=1))
-    high = torch.maximum(node_score, torch.where(visited, child_score, -math.inf).amax(dim=1))
-    scale = (high - low).clamp(min=_SCALE_EPS)
-    q = torch.where(visited, (child_score - low.unsqueeze(1)) / scale.unsqueeze(1),
-                    ((node_score - low) / scale).unsqueeze(1))
-    # Virtual visits are pending simulations scored at the normalised minimum, 0.
-    seen = n_child + v_child
-    q = torch.where(seen > 0, q * n_child / seen.clamp(min=_SCALE_EPS), q)
-    n_node = tree.visit_count[rows, node].to(torch.float32) + tree.virtual_visits[rows, node]
-    u = config.c_puct * tree.child_prior[rows, node] * n_node.sqrt().unsqueeze(1) / (1 + seen)
-    # A child created earlier this round is not evaluated yet: pick another slot while there is one
-    # (when every slot is taken, slot 0 is returned and the selection collides).
-    waiting = expanded & ~visited
-    return torch.where(waiting, -math.inf, q + u).argmax(dim=1)   # first maximum: the higher prior

@@ -2,8 +2,11 @@
 
 Every root owns `capacity` node slots; node 0 is the root and nodes are numbered in creation order.
 A node's children are its K candidate actions (the top-K tokens of the logits that came with the
-node's state); a candidate becomes a child node the first time selection picks it. Values are summed
-per head (one value head per layer); a node's score is the consensus of its mean per-head values.
+node's state); a candidate becomes a child node the first time selection picks it. Values are
+probabilities in [0, 1] (that the continuation through the node succeeds), summed per head (one value
+head per layer, or a single verifier); a node's score is the consensus of its mean per-head values.
+A node reached by the end-of-text token is terminal: it has no children, and selection stops there
+as it does at the depth cap.
 
 The tree lives on the device of the node states, and every update is a fixed-shape tensor operation
 over all R roots with a mask saying which roots take part (mctx's batched style): no boolean
@@ -23,9 +26,11 @@ import torch
 
 
 def consensus_score(values: torch.Tensor, uncertainty_lambda: float) -> torch.Tensor:
-    """values: [..., H] per-head values -> [...] mean over heads - lambda * std over heads.
+    """values: [..., H] per-head probabilities -> [...] mean over heads - lambda * std over heads.
 
-    The std is the population std (correction 0), so a single head has spread 0."""
+    The std is the population std (correction 0), so a single head has spread 0. lambda is 0 by
+    default: the penalty rewarded the children the heads happened to agree on, not the better ones
+    (deliberation-forensics B3), and it is kept only as an option to measure."""
     mean = values.mean(dim=-1)
     if uncertainty_lambda == 0.0:
         return mean
@@ -58,6 +63,7 @@ class Tree:
     virtual_visits: torch.Tensor  # [R, N] float32; pending selections of the current round
     num_nodes: torch.Tensor       # [R] long; slots in use
     uncertainty_lambda: float     # the lambda of `score`
+    terminal_token: int | None = None  # the end-of-text token: a node reached by it is terminal
 
     def __post_init__(self) -> None:
         # [R] long, 0 .. R-1: the root of each row (not a field: it is derived, not tree data)
@@ -65,7 +71,7 @@ class Tree:
 
     @classmethod
     def empty(cls, roots: int, capacity: int, top_k: int, heads: int, uncertainty_lambda: float,
-              device: torch.device | str = "cpu") -> "Tree":
+              device: torch.device | str = "cpu", terminal_token: int | None = None) -> "Tree":
         long = dict(dtype=torch.long, device=device)
         real = dict(dtype=torch.float32, device=device)
         tree = cls(
@@ -82,6 +88,7 @@ class Tree:
             virtual_visits=torch.empty(roots, capacity, **real),
             num_nodes=torch.empty(roots, **long),
             uncertainty_lambda=uncertainty_lambda,
+            terminal_token=terminal_token,
         )
         tree.reset_()
         return tree
@@ -105,6 +112,19 @@ class Tree:
     @property
     def top_k(self) -> int:
         return self.children.shape[2]
+
+    def is_terminal(self, root: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+        """root, node: [...] long -> [...] bool: the node was reached by the end-of-text token."""
+        if self.terminal_token is None:
+            return torch.zeros_like(node, dtype=torch.bool)
+        return self.action[root, node] == self.terminal_token
+
+    def path_tokens(self, root: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """root: [K] long; path: [K, D + 1] nodes from the root (-1 past the leaf) -> [K, D] the tokens
+        read from the root to the leaf, -1 past it (what a verifier checks)."""
+        below = path[:, 1:]
+        tokens = self.action[root.unsqueeze(1), below.clamp(min=0)]
+        return torch.where(below >= 0, tokens, -1)
 
     def mean_values(self, root: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
         """root, node: [...] long -> [..., H] value_sum / visit_count (0 for unvisited nodes)."""

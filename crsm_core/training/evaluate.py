@@ -28,17 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import load_pretrained
-from ..markdown import write_generated_section
 from ..deliberation import DeliberationConfig
+from ..engine import Completion, GenerationRequest
+from ..markdown import write_generated_section
 from ..model import CRSMModel
 from ..sampling import SamplingParams
 from ..tokenizer import ByteTokenizer
-from ..value import ValueHeads
 from .common import device_description, git_commit, resolve_device
 from .config import TrainConfig
-from .rollout import generate
-from ..deliberation import load_deliberation_config
+from .rollout import replay
 from .tasks import check, heldout_prompts
 
 log = logging.getLogger(__name__)
@@ -86,49 +84,56 @@ def paired_bootstrap(a: list[bool], b: list[bool], seed: int = 0) -> tuple[float
 
 # ---- the modes -------------------------------------------------------------------------------------
 
-def run_best_of_n(model, heads: ValueHeads, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
+def run_best_of_n(crsm: CRSMModel, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
                   seed: int) -> ModeResult:
-    """(d) n sampled completions per prompt (one batch of n rows), the one whose final state the value
-    heads rate highest (mean of the heads' logits) is the answer."""
+    """(d) n sampled completions per prompt through the engine; the one whose final state the value heads
+    rate highest (mean of the heads' probabilities, read by a teacher-forced replay) is the answer."""
     tok = ByteTokenizer()
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    correct, tokens, decode_s = [], 0, 0.0
-    for prompt in prompts:
-        scores = torch.full((n,), float("-inf"))
+    sampled = [SamplingParams(temperature=temperature, seed=seed * 1_000_003 + i) for i in range(n)]
+    requests = [GenerationRequest(tuple(tok.encode(p)), max_new_tokens, s) for p in prompts for s in sampled]
+    completions, decode_s = _run_all(crsm, requests)
+    texts = [[t for t in c.token_ids if t != tok.eos_id] for c in completions]
+    scores = torch.empty(len(texts))
 
-        def score(state, rows):
-            scores[rows.cpu()] = heads(state.gather(rows)).float().mean(dim=1).cpu()
+    def score(state, rows):   # called at every state of each row: the last call is its final state
+        scores[rows.cpu()] = torch.sigmoid(crsm.value_heads(state.gather(rows)).float()).mean(dim=1).cpu()
 
-        start = time.perf_counter()
-        out = generate(model, [tok.encode(prompt)] * n, max_new_tokens, temperature, tok.eos_id, generator,
-                       on_end=score)
-        decode_s += time.perf_counter() - start
-        tokens += sum(len(c) + int(e) for c, e in zip(out.completions, out.ended))
-        best = int(torch.argmax(scores))
-        correct.append(check(prompt, tok.decode(out.completions[best])))
+    with torch.no_grad():
+        replay(crsm.backbone, [tok.encode(p) for p in prompts for _ in range(n)], texts, score, tok.pad_id)
+    correct = []
+    for i, prompt in enumerate(prompts):
+        best = i * n + int(torch.argmax(scores[i * n:(i + 1) * n]))
+        correct.append(check(prompt, tok.decode(texts[best])))
+    tokens = sum(len(c.token_ids) for c in completions)
     return ModeResult("best_of_n", correct, tokens, decode_s, {"n": n, "temperature": temperature})
 
 
-def run_crsm(crsm: CRSMModel, prompts: list[str], max_new_tokens: int, use_deliberation: bool,
-             config: DeliberationConfig) -> ModeResult:
-    """Greedy decoding through CRSMModel.think_and_generate, one prompt at a time."""
+def _run_all(crsm: CRSMModel, requests: list[GenerationRequest]) -> tuple[list[Completion], float]:
+    """Every request through the model's engine at once (batched as the server batches them); returns the
+    completions and the wall time from the first submission to the last token."""
+    async def run():
+        sessions = crsm.engine().submit_all(requests)
+        return [await s.collect() for s in sessions]
+
+    start = time.perf_counter()
+    completions = asyncio.run(run())
+    return completions, time.perf_counter() - start
+
+
+def run_crsm(crsm: CRSMModel, prompts: list[str], max_new_tokens: int, deliberation: DeliberationConfig | None,
+             mode: str) -> ModeResult:
+    """Greedy decoding of every prompt through the model's engine, with or without deliberation."""
     greedy = SamplingParams(temperature=0.0)
     tok = ByteTokenizer()
-    correct, tokens, decode_s = [], 0, 0.0
+    requests = [GenerationRequest(tuple(tok.encode(p)), max_new_tokens, greedy, deliberation=deliberation)
+                for p in prompts]
+    completions, decode_s = _run_all(crsm, requests)
     counters: dict[str, int] = {}
-
-    async def one(prompt: str):
-        return await crsm.think_and_generate(prompt, max_length=max_new_tokens, use_deliberation=use_deliberation,
-                                             deliberation_lag=config.lag, sampling=greedy, config=config)
-
-    for prompt in prompts:
-        result = asyncio.run(one(prompt))
-        tokens += len(result.tokens)
-        decode_s += result.decode_time_s
-        correct.append(check(prompt, tok.decode([t for t in result.tokens if t != tok.eos_id])))
-        for k, v in result.counters.items():
+    for c in completions:
+        for k, v in (c.done.deliberation or {}).items():
             counters[k] = counters.get(k, 0) + v
-    mode = "greedy" if not use_deliberation else ("sync" if config.synchronous else "async")
+    correct = [check(p, tok.decode([t for t in c.token_ids if t != tok.eos_id])) for p, c in zip(prompts, completions)]
+    tokens = sum(len(c.token_ids) for c in completions)
     return ModeResult(mode, correct, tokens, decode_s, {"counters": counters})
 
 
@@ -145,32 +150,27 @@ def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, 
     torch.manual_seed(cfg.seed)
     e = cfg.eval
     prompt_list = heldout_prompts(cfg.tasks, prompts or e.prompts, cfg.seed)
-    model = load_pretrained(model_dir, device=device)
-    heads = ValueHeads.load(model_dir, device).eval()
     results: dict[str, ModeResult] = {}
-
-    crsm, delib = None, load_deliberation_config(model_dir)
-    if {"greedy", "async", "sync"} & set(modes):
-        # (a), (b) and (c) run through the same generator loop, so their speeds compare
-        crsm = CRSMModel.from_pretrained(model_dir, device=device)
-    if "greedy" in modes:
-        results["greedy"] = run_crsm(crsm, prompt_list, e.max_new_tokens, False, delib)
-        log.info("greedy: accuracy %.3f, %.1f tokens/s", results["greedy"].accuracy, results["greedy"].tokens_per_s)
-    if "async" in modes:
-        results["async"] = run_crsm(crsm, prompt_list, e.max_new_tokens, True, delib)
-        log.info("async: accuracy %.3f, %.1f tokens/s", results["async"].accuracy, results["async"].tokens_per_s)
-    if "sync" in modes:
-        results["sync"] = run_crsm(crsm, prompt_list, e.max_new_tokens, True, replace(delib, synchronous=True))
-        log.info("sync: accuracy %.3f, %.1f tokens/s", results["sync"].accuracy, results["sync"].tokens_per_s)
-    if crsm is not None:
+    # every mode runs through the model's engine, the server's generation loop, so their speeds compare
+    crsm = CRSMModel.from_pretrained(model_dir, device=device)
+    delib = crsm.config
+    try:
+        if "greedy" in modes:
+            results["greedy"] = run_crsm(crsm, prompt_list, e.max_new_tokens, None, "greedy")
+        if "async" in modes:
+            results["async"] = run_crsm(crsm, prompt_list, e.max_new_tokens, delib, "async")
+        if "sync" in modes:
+            results["sync"] = run_crsm(crsm, prompt_list, e.max_new_tokens, replace(delib, synchronous=True), "sync")
+        if "best_of_n" in modes:
+            n, basis = e.best_of_n, "configured"
+            if n == 0:
+                n, basis = equal_compute_n(results), "equal compute"
+            results["best_of_n"] = run_best_of_n(crsm, prompt_list, n, e.max_new_tokens, e.temperature, cfg.seed)
+            results["best_of_n"].notes["n_basis"] = basis
+    finally:
         crsm.close()
-    if "best_of_n" in modes:
-        n, basis = e.best_of_n, "configured"
-        if n == 0:
-            n, basis = equal_compute_n(results), "equal compute"
-        results["best_of_n"] = run_best_of_n(model, heads, prompt_list, n, e.max_new_tokens, e.temperature, cfg.seed)
-        results["best_of_n"].notes["n_basis"] = basis
-        log.info("best-of-%d: accuracy %.3f", n, results["best_of_n"].accuracy)
+    for mode, r in results.items():
+        log.info("%s: accuracy %.3f, %.1f tokens/s", mode, r.accuracy, r.tokens_per_s)
 
     summary = summarize(results)
     doc = out or Path(e.out)
@@ -264,7 +264,8 @@ def _notes(mode: str, notes: dict[str, Any]) -> str:
     if mode == "best_of_n":
         return f"N = {notes['n']} ({notes['n_basis']}), temperature {notes['temperature']}"
     counters = notes.get("counters") or {}
-    keys = ("launched", "skipped", "cancelled", "failed", "applied", "applied_late", "pruned", "vetoed", "rejected")
+    keys = ("launched", "skipped", "cancelled", "failed", "applied", "applied_late", "pruned", "vetoed", "diverged",
+            "rejected", "suggested", "blended")
     return ", ".join(f"{k.replace('_', ' ')} {counters[k]}" for k in keys if counters.get(k))
 
 

@@ -1,14 +1,15 @@
-"""Batched completion of many short prompts, and teacher-forced replay of finished rollouts.
+"""Completions of many prompts through the serving engine, and teacher-forced replay of finished ones.
 
-Rows advance in lockstep from the zero state, one token per step: a row reads its prompt while it has
-prompt left, then its own samples. Prompts of different lengths therefore need no padding and no
-per-length prefill groups; task prompts are a dozen tokens, so stepping them costs little.
+`generate` submits every prompt to an `Engine` (the server's generation loop, batched and
+continuously refilled), so training rollouts, evaluation and serving share one loop. Each row draws
+with its own seed (seed * 1_000_003 + row), so a call is reproducible.
 
 Positions follow the project's convention: S_t is the state after t tokens; the step that consumes
 token t gives the distribution of token t+1.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,59 +27,38 @@ StateHook = Callable[[RecurrentState, torch.Tensor], None]
 class Rollouts:
     completions: list[list[int]]  # generated ids per row, the end-of-text token excluded
     ended: list[bool]             # True: the row emitted end-of-text; False: it hit max_new_tokens
-    logprob: torch.Tensor         # [R] sum of the model's log-probabilities of the chosen tokens (eos included)
-    steps: int                    # lockstep decode steps taken (each one batched backbone step)
 
 
-@torch.no_grad()
 def generate(model: MambaLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-             eos_id: int, generator: torch.Generator | None = None, on_end: StateHook | None = None) -> Rollouts:
-    """Complete every prompt. temperature 0 = greedy. on_end(state, rows) sees each row's state right
-    after it has consumed its whole completion (before end-of-text), e.g. for a verifier score."""
-    device = model.device
-    n = len(prompts)
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
+             eos_id: int, seed: int = 0, max_sessions: int = 64) -> Rollouts:
+    """Complete every prompt (temperature 0 = greedy) through an Engine of `max_sessions` slots."""
+    from ..engine import Engine, EngineConfig, GenerationRequest
+    from ..sampling import SamplingParams
+    from ..tokenizer import ByteTokenizer
+
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    state = model.allocate_state(n)
-    completions: list[list[int]] = [[] for _ in range(n)]
-    ended = [False] * n
-    done = [False] * n
-    logprob = torch.zeros(n, dtype=torch.float64)
-    steps = 0
-    for t in range(max(lengths) + max_new_tokens):
-        inputs = [prompts[i][t] if t < lengths[i] else (completions[i][-1] if completions[i] else eos_id)
-                  for i in range(n)]
-        logits = model.step(torch.tensor(inputs, device=device), state).float()  # [n, V]
-        steps += 1
-        deciding = [i for i in range(n) if not done[i] and t >= lengths[i] - 1]
-        if not deciding:
-            continue
-        finished = [i for i in deciding if len(completions[i]) == max_new_tokens]
-        choose = [i for i in deciding if len(completions[i]) < max_new_tokens]
-        if choose:
-            idx = torch.tensor(choose, device=device)
-            row_logits = logits.index_select(0, idx)
-            if temperature == 0:
-                tokens = row_logits.argmax(dim=-1)
-            else:
-                probs = torch.softmax(row_logits / temperature, dim=-1)
-                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            logp = torch.log_softmax(row_logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-            for i, tok, lp in zip(choose, tokens.tolist(), logp.double().cpu().tolist()):
-                logprob[i] += lp
-                if tok == eos_id:
-                    ended[i] = True
-                    finished.append(i)
-                else:
-                    completions[i].append(tok)
-        for i in finished:
-            done[i] = True
-        if finished and on_end is not None:
-            on_end(state, torch.tensor(sorted(finished), device=device))
-        if all(done):
-            break
-    return Rollouts(completions, ended, logprob, steps)
+    tokenizer = ByteTokenizer()
+    if tokenizer.eos_id != eos_id:
+        raise ValueError(f"rollouts use the byte tokenizer, whose end-of-text is {tokenizer.eos_id}, not {eos_id}")
+
+    async def run() -> list[list[int]]:
+        engine = Engine(model, tokenizer, EngineConfig(max_sessions=max(1, min(max_sessions, len(prompts))),
+                                                       queue_size=len(prompts), max_prompt_tokens=1 << 20,
+                                                       max_new_tokens=max(1, max_new_tokens), planner_mode="stream"))
+        engine.start()
+        try:
+            sessions = engine.submit_all([
+                GenerationRequest(tuple(p), max_new_tokens, SamplingParams(temperature=temperature,
+                                                                            seed=seed * 1_000_003 + i))
+                for i, p in enumerate(prompts)])
+            return [(await s.collect()).token_ids for s in sessions]
+        finally:
+            await engine.shutdown()
+
+    outputs = asyncio.run(run()) if max_new_tokens > 0 else [[] for _ in prompts]
+    ended = [bool(o) and o[-1] == eos_id for o in outputs]
+    return Rollouts([o[:-1] if e else o for o, e in zip(outputs, ended)], ended)
 
 
 def replay(model: MambaLM, prompts: list[list[int]], completions: list[list[int]], on_state: StateHook,

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ..backbone import MambaLM
 from ..checkpoint import load_pretrained
-from ..dynamics import DynamicsConfig, LatentDynamics, Stepper, backbone_step_cost, fidelity
+from ..dynamics import DynamicsConfig, LatentDynamics, backbone_step_cost, fidelity
+from ..state import StepFn
 from ..state import RecurrentState
 from .common import (StepBudget, cosine_lr, device_description, git_commit, load_training_state, progress,
                      resolve_device, rng_state, round_matrices_, save_training_state, set_rng_state, write_report)
@@ -80,30 +81,30 @@ def open_loop_loss(dynamics: LatentDynamics, backbone: MambaLM, state: Recurrent
 
 
 @torch.no_grad()
-def measure_fidelity(backbone: MambaLM, stepper: Stepper, windows: torch.Tensor, prefix: int,
+def measure_fidelity(backbone: MambaLM, step: StepFn, windows: torch.Tensor, prefix: int,
                      lags: tuple[int, ...]) -> list[dict[str, Any]]:
     """windows: [R, prefix + max(lags)] held-out ids. Prefill the prefix exactly, then compare."""
     ids = windows.to(backbone.device)
     state = backbone.allocate_state(ids.shape[0])
     if prefix:
         backbone.prefill(ids[:, :prefix], state)
-    reports = fidelity(backbone, stepper, state, ids[:, prefix:prefix + max(lags)], lags)
+    reports = fidelity(backbone, step, state, ids[:, prefix:prefix + max(lags)], lags)
     return [{"lag": r.lag, "cosine": [round(c, 5) for c in r.cosine], "rel_error": [round(e, 5) for e in r.rel_error],
              "mean_cosine": round(float(np.mean(r.cosine)), 5), "mean_rel_error": round(float(np.mean(r.rel_error)), 5),
              "top1_agreement": round(r.top1_agreement, 4)} for r in reports]
 
 
-def _time_step(stepper: Stepper, backbone: MambaLM, rows: int, repeats: int = 20) -> float:
+def _time_step(step: StepFn, backbone: MambaLM, rows: int, repeats: int = 20) -> float:
     """Seconds per batched step of `rows` rows (after a warm-up)."""
     state = backbone.allocate_state(rows)
     tokens = torch.zeros(rows, dtype=torch.long, device=backbone.device)
     for _ in range(3):
-        stepper.step(tokens, state)
+        step(tokens, state)
     if backbone.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
-        stepper.step(tokens, state)
+        step(tokens, state)
     if backbone.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeats
@@ -135,8 +136,8 @@ def train_dynamics(cfg: TrainConfig, stop_after: int | None = None) -> dict[str,
     else:
         step, total = 0, t.steps
         history = {"loss": [], "elapsed_s": 0.0,
-                   "initial": measure_fidelity(backbone, dynamics, windows, fid_prefix, t.lags),
-                   "persistence": measure_fidelity(backbone, Persistence(backbone.config.vocab_size), windows,
+                   "initial": measure_fidelity(backbone, dynamics.step, windows, fid_prefix, t.lags),
+                   "persistence": measure_fidelity(backbone, Persistence(backbone.config.vocab_size).step, windows,
                                                    fid_prefix, t.lags)}
 
     def checkpoint() -> None:
@@ -197,9 +198,9 @@ def train_dynamics(cfg: TrainConfig, stop_after: int | None = None) -> dict[str,
     round_matrices_(dynamics, cfg.assemble.dtype)
     out = dynamics_dir(cfg)
     dynamics.save(out)
-    final = measure_fidelity(backbone, dynamics, windows, fid_prefix, t.lags)
+    final = measure_fidelity(backbone, dynamics.step, windows, fid_prefix, t.lags)
     rows = 16
-    backbone_s, dynamics_s = _time_step(backbone, backbone, rows), _time_step(dynamics, backbone, rows)
+    backbone_s, dynamics_s = _time_step(backbone.step, backbone, rows), _time_step(dynamics.step, backbone, rows)
     report = {
         "device": device_description(device),
         "commit": git_commit(),

@@ -9,10 +9,17 @@ cross-entropy on its logit; v_i in the injection gate sigmoid(v_i) is that logit
 Calibration is measured on held-out prompts at the end of the prompt (before any answer token): Brier
 score and ROC AUC of each head's sigmoid(v_i) and of the heads' mean, against each rollout's outcome,
 next to the Brier score of always predicting the training success rate.
+
+The veto threshold is calibrated here too: the spread (std over heads of their probabilities) at every
+state of the held-out rollouts, and its VETO_PERCENTILE-th percentile is stored with the heads
+(ValueHeadsConfig.veto_threshold), so that a plan is vetoed only when its heads disagree more than they
+do on all but 1% of ordinary states (a constant threshold vetoed 173 of 177 served plans:
+deliberation-forensics B3).
 Output: `<out_dir>/value/` (value_heads.safetensors + .json) and `reports/value.json`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -24,7 +31,7 @@ import torch.nn.functional as F
 
 from ..state import RecurrentState
 from ..tokenizer import ByteTokenizer
-from ..value import ValueHeads, ValueHeadsConfig
+from ..value import ValueHeads, ValueHeadsConfig, calibrate_veto
 from .common import device_description, git_commit, progress, resolve_device, round_matrices_, write_report
 from .config import TrainConfig
 from .rollout import Rollouts, generate, replay, successes
@@ -34,6 +41,7 @@ from .tasks import heldout_prompts, sample_prompts
 log = logging.getLogger(__name__)
 
 STAGE = "value"
+VETO_PERCENTILE = 99.0
 
 
 def value_dir(cfg: TrainConfig) -> Path:
@@ -69,18 +77,14 @@ def run_rollouts(model, prompts: list[str], cfg: TrainConfig, seed: int) -> tupl
     tok = ByteTokenizer()
     v = cfg.value
     repeated = [p for p in prompts for _ in range(v.rollouts)]
-    generator = torch.Generator(device=model.device).manual_seed(seed)
     completions: list[list[int]] = []
     ended: list[bool] = []
-    logprob, steps = [], 0
     for i in range(0, len(repeated), v.rollout_chunk):
         part = generate(model, [tok.encode(p) for p in repeated[i:i + v.rollout_chunk]], v.max_new_tokens,
-                        v.temperature, tok.eos_id, generator)
+                        v.temperature, tok.eos_id, seed=seed + i, max_sessions=min(256, v.rollout_chunk))
         completions += part.completions
         ended += part.ended
-        logprob.append(part.logprob)
-        steps += part.steps
-    out = Rollouts(completions, ended, torch.cat(logprob), steps)
+    out = Rollouts(completions, ended)
     return repeated, out, np.asarray(successes(repeated, out, tok.decode), dtype=np.float64)
 
 
@@ -96,6 +100,30 @@ def prompt_end_values(model, heads: ValueHeads, prompts: list[str]) -> np.ndarra
 
     replay(model, ids, [[] for _ in ids], record, tok.pad_id)
     return values.numpy()
+
+
+@torch.no_grad()
+def rollout_probabilities(model, heads: ValueHeads, prompts: list[str], completions: list[list[int]]) -> torch.Tensor:
+    """[N, L] the heads' probabilities at every state of the rollouts (end of prompt and after each token)."""
+    tok = ByteTokenizer()
+    found: list[torch.Tensor] = []
+
+    def record(state: RecurrentState, rows: torch.Tensor) -> None:
+        found.append(torch.sigmoid(heads(state.gather(rows)).float()).cpu())
+
+    replay(model, [tok.encode(p) for p in prompts], completions, record, tok.pad_id)
+    return torch.cat(found)
+
+
+def veto_calibration(model, heads: ValueHeads, prompts: list[str], completions: list[list[int]],
+                     percentile: float = VETO_PERCENTILE) -> dict[str, Any]:
+    """The spread distribution of the heads over held-out rollout states and the veto threshold from it."""
+    probs = rollout_probabilities(model, heads, prompts, completions)
+    spreads = probs.std(dim=1, correction=0)
+    return {"states": int(probs.shape[0]), "percentile": percentile,
+            "threshold": round(calibrate_veto(probs, percentile), 5),
+            "spread_p50": round(float(spreads.quantile(0.5)), 5), "spread_p90": round(float(spreads.quantile(0.9)), 5),
+            "spread_max": round(float(spreads.max()), 5)}
 
 
 def calibration(logits: np.ndarray, outcomes: np.ndarray, base_rate: float) -> dict[str, Any]:
@@ -132,7 +160,7 @@ def train_value(cfg: TrainConfig) -> dict[str, Any]:
     train_prompts = sample_prompts(np.random.default_rng([cfg.seed, 3]), cfg.tasks, v.train_prompts, heldout=False)
     held_prompts = heldout_prompts(cfg.tasks, v.heldout_prompts, cfg.seed + 1)
     rollout_prompts, rollouts, outcomes = run_rollouts(model, train_prompts, cfg, cfg.seed + 3)
-    held_rollout_prompts, _, held_outcomes = run_rollouts(model, held_prompts, cfg, cfg.seed + 4)
+    held_rollout_prompts, held_rollouts, held_outcomes = run_rollouts(model, held_prompts, cfg, cfg.seed + 4)
     rollout_s = time.perf_counter() - start
     base_rate = float(outcomes.mean())
     log.info("rollouts: train success rate %.3f over %d, held-out %.3f over %d (%.1f s)", base_rate,
@@ -180,6 +208,8 @@ def train_value(cfg: TrainConfig) -> dict[str, Any]:
     train_logits = prompt_end_values(model, heads, train_prompts)
     train_fit = calibration(train_logits.repeat(v.rollouts, axis=0),
                             outcomes, base_rate)
+    veto = veto_calibration(model, heads, held_rollout_prompts, held_rollouts.completions)
+    heads.config = dataclasses.replace(heads.config, veto_threshold=veto["threshold"], veto_percentile=VETO_PERCENTILE)
     heads.save(value_dir(cfg))
     report = {
         "device": device_description(device),
@@ -196,10 +226,11 @@ def train_value(cfg: TrainConfig) -> dict[str, Any]:
         "first_bce": round(losses[0], 5),
         "final_bce": round(float(np.mean(losses[-max(1, len(losses) // 10):])), 5),
         "parameters": sum(p.numel() for p in heads.parameters()),
-        "config": heads_config.to_dict(),
+        "config": heads.config.to_dict(),
         "calibration_heldout": final,
         "calibration_heldout_untrained": initial,
         "calibration_train": train_fit,
+        "veto": veto,
     }
     write_report(cfg.out_path, STAGE, report)
     log.info("stage 3 done: held-out Brier %.4f (base rate %.4f), AUC %s", final["brier_mean_head"],

@@ -93,8 +93,7 @@ def write_deliberation_defaults(directory: Path, settings: dict[str, Any]) -> No
 def _samples(model, seed: int, max_new_tokens: int) -> list[dict[str, str]]:
     """A few sampled continuations (temperature 0.8, fixed seed) to show what the model writes."""
     tok = ByteTokenizer()
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    out = generate(model.eval(), [tok.encode(p) for p in SAMPLE_PROMPTS], max_new_tokens, 0.8, tok.eos_id, generator)
+    out = generate(model.eval(), [tok.encode(p) for p in SAMPLE_PROMPTS], max_new_tokens, 0.8, tok.eos_id, seed=seed)
     return [{"prompt": p, "completion": tok.decode(c)} for p, c in zip(SAMPLE_PROMPTS, out.completions)]
 
 
