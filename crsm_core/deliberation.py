@@ -169,6 +169,7 @@ class SessionDeliberator:
         self._cancelled = threading.Event()
         self._request: PlanRequest | None = None   # the plan in flight
         self._planned_for = -1                      # synchronous: the last position a plan was made for
+        self._gave_up_at = -1                       # synchronous: the position whose plan it stopped waiting for
         self._closed = False
         self._notify = notify                       # called when a plan's result is filed (wakes the generator)
 
@@ -221,8 +222,10 @@ class SessionDeliberator:
             request.future.cancel()
 
     def waits_at(self, position: int) -> bool:
-        """Synchronous mode: the session must not choose token `position` before its plan is in."""
-        return self.config.synchronous and self.busy and self._planned_for == position and not self._closed
+        """Synchronous mode: the session must not choose token `position` before its plan is in (unless
+        it gave up waiting for it)."""
+        return (self.config.synchronous and self.busy and self._planned_for == position
+                and self._gave_up_at != position and not self._closed)
 
     def _landed(self, future) -> None:
         """The worker's thread (or the closing one): file the plan's result into the buffer. Under the lock,
@@ -249,9 +252,10 @@ class SessionDeliberator:
         if self._notify is not None:
             self._notify()
 
-    def give_up_waiting(self) -> None:
-        """Synchronous mode: the plan in flight took longer than synchronous_timeout_s; the session goes on
-        without it (the plan still lands, late, if it can)."""
+    def give_up_waiting(self, position: int) -> None:
+        """Synchronous mode: the plan for `position` took longer than synchronous_timeout_s; the session goes
+        on without it (the plan still lands, late, if it can)."""
+        self._gave_up_at = position
         self.planner_counters.timed_out += 1
 
     def close(self, position: int) -> list[InjectionEvent]:

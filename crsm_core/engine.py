@@ -703,7 +703,7 @@ class Engine:
     def _unpark_ready(self) -> None:
         for session in [s for s in self._parked if self._may_unpark(s)]:
             if session.deliberator.waits_at(len(session.sequence)):
-                session.deliberator.give_up_waiting()
+                session.deliberator.give_up_waiting(len(session.sequence))
             state, logits, _ = session.parked
             self._parked.remove(session)
             session.parked = None

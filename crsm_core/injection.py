@@ -50,7 +50,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -153,7 +153,7 @@ class InjectionEvent:
     outcome: InjectionOutcome
     effect: Effect | None       # for applied entries
     alpha: list[float]          # the gates used (decayed when late; empty when nothing was blended)
-    lateness: int               # positions it was caught up through
+    lateness: int               # positions after its state position it was resolved (caught up through)
     action: int
     value: float
     reason: str
@@ -202,11 +202,21 @@ def check_norm_ratio(ratio: float) -> None:
         raise ValueError(f"max_target_norm_ratio must be a finite number >= 1, got {ratio!r}")
 
 
+# A gap of this many tokens or more is caught up by one chunked prefill (the SSD scan over all of them:
+# on a GPU about the cost of a few steps whatever its length) instead of a step per token: a catch-up
+# that costs a step per token never gains on a generator that emits a token per step.
+PREFILL_CATCH_UP = 4
+# (tokens [1, T] long, state 1 row, advanced in place) -> logits of the last position
+PrefillFn = Callable[[torch.Tensor, RecurrentState], torch.Tensor]
+
+
 def catch_up(entries: Sequence[TargetEntry], tokens: Sequence[Sequence[int]], until: Sequence[int],
-             step: StepFn, refresh: bool = True) -> None:
-    """Advance each entry's target state (exact steps, all entries batched per token) through the tokens
-    its session emitted, from its state_position to until[i]: tokens[i][p] is the token at position p.
-    The one catch-up of late entries: the planner's worker and the generator both call it."""
+             step: StepFn, prefill: PrefillFn | None = None, refresh: bool = True) -> None:
+    """Advance each entry's target state (exact backbone computation) through the tokens its session
+    emitted, from its state_position to until[i]: tokens[i][p] is the token at position p. Gaps of
+    PREFILL_CATCH_UP tokens or more go through `prefill` (one call each) when given; the rest step
+    together, one batched step per token. The one catch-up of late entries: the planner's worker and the
+    generator both call it."""
     todo = [(e, t, u) for e, t, u in zip(entries, tokens, until) if u > e.state_position]
     for entry, toks, stop in todo:
         if len(toks) < stop:
@@ -217,6 +227,13 @@ def catch_up(entries: Sequence[TargetEntry], tokens: Sequence[Sequence[int]], un
     for entry, _, _ in todo:
         wait(entry.ready)
         hand_over(entry.target_state)
+    if prefill is not None:
+        for entry, toks, stop in todo:
+            if stop - entry.state_position >= PREFILL_CATCH_UP:
+                ids = torch.tensor([list(toks[entry.state_position:stop])], dtype=torch.long, device=device)
+                prefill(ids, entry.target_state)
+                entry.state_position = stop
+        todo = [(e, t, u) for e, t, u in todo if u > e.state_position]
     while todo:
         states = RecurrentState.cat([e.target_state for e, _, _ in todo])
         ids = torch.tensor([t[e.state_position] for e, t, _ in todo], dtype=torch.long, device=device)
@@ -331,7 +348,8 @@ class TargetBuffer:
             position=position, target_position=entry.decision_position, state_position=entry.state_position,
             captured_position=entry.captured_position, generation_id=entry.generation_id,
             outcome=resolution.outcome, effect=resolution.effect,
-            alpha=[] if alpha is None else [float(a) for a in alpha], lateness=entry.lateness, action=entry.action,
+            alpha=[] if alpha is None else [float(a) for a in alpha],
+            lateness=max(0, position - entry.decision_position - 1), action=entry.action,
             value=entry.value, reason=resolution.reason, latency_s=time.monotonic() - entry.captured_at)
 
     def due(self, position: int, tokens: Sequence[int]) -> Due:

@@ -1,27 +1,82 @@
-"""Session deliberation end to end: veto, suggestions, non-blocking generation with a slow planner,
-accounting of every planner result, determinism of the synchronous mode, cancellation."""
+"""Deliberation through the engine and the planner runtime (issue: "Deliberation that reaches the
+stream"): speculated prefixes are the generator's own and are checked, the target of a decision is the
+state after its action, late plans are caught up exactly, the veto is calibrated, the synchronous mode
+is reproducible and never holds other sessions, the generator never waits for an asynchronous planner,
+every plan is accounted for. On the bundled model: a value that carries no information leaves the
+output exactly as it is, and the arithmetic checker fixes greedy errors."""
 import asyncio
+import dataclasses
 import threading
-import time
 
 import pytest
 import torch
 
 from crsm_core.backbone import MambaLM
-from crsm_core.config import tiny_config
-from crsm_core.deliberation import DeliberationConfig, SessionDeliberator
-from crsm_core.dynamics import DynamicsConfig, LatentDynamics
-from crsm_core.injection import InjectionOutcome, default_layer_weights
+from crsm_core.config import DEFAULT_MODEL_DIR, tiny_config
+from crsm_core.deliberation import DeliberationConfig
+from crsm_core.engine import Engine, EngineConfig, GenerationRequest, RequestError
+from crsm_core.injection import Effect, InjectionOutcome
 from crsm_core.model import CRSMModel
 from crsm_core.planner import PlannerConfig
-from crsm_core.planner.runtime import PlannerRuntime
+from crsm_core.planner.runtime import GENERATOR_CATCH_UP, PlanRequest, TokenLog
 from crsm_core.sampling import SamplingParams
 from crsm_core.tokenizer import ByteTokenizer
 from crsm_core.value import ValueHeads, ValueHeadsConfig
 
 pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
-SMALL_PLANNER = PlannerConfig(n_simulations=8, top_k=3, max_depth=2, leaf_batch=4)
+TOKENIZER = ByteTokenizer()
+SMALL = PlannerConfig(n_simulations=8, top_k=4, max_depth=2, leaf_batch=4)
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def constant(value: float):
+    """A verifier whose value carries no information."""
+    def for_batch(contexts):
+        return lambda states, roots, tokens: torch.full((states.batch, 1), value)
+    return for_batch
+
+
+class Preferring:
+    """A verifier that values 1 the continuations starting with a token `wanted` accepts, else 0; it can
+    be held (`hold()`), which blocks the planner's worker inside the search until `go()`."""
+
+    def __init__(self, wanted):
+        self.wanted, self.release, self.searches = wanted, threading.Event(), 0
+        self.release.set()
+
+    def hold(self):
+        self.release.clear()
+
+    def go(self):
+        self.release.set()
+
+    def __call__(self, contexts):
+        self.searches += 1
+        assert self.release.wait(timeout=120), "the test never released the planner"
+
+        def value(states, roots, tokens):
+            return torch.tensor([float(t >= 0 and self.wanted(t)) for t in tokens[:, 0].tolist()]).unsqueeze(1)
+        return value
+
+
+class AvoidingGreedy(Preferring):
+    """Values 1 every continuation that does not start with the model's own argmax at its root: every
+    plan disagrees with a greedy generator."""
+
+    def __init__(self, backbone):
+        super().__init__(None)
+        self.backbone = backbone
+
+    def __call__(self, contexts):
+        self.searches += 1
+        assert self.release.wait(timeout=120), "the test never released the planner"
+        greedy = [int(exact_state(self.backbone, c)[1].argmax()) for c in contexts]
+
+        def value(states, roots, tokens):
+            return torch.tensor([float(t >= 0 and t != greedy[r])
+                                 for r, t in zip(roots.tolist(), tokens[:, 0].tolist())]).unsqueeze(1)
+        return value
 
 
 @pytest.fixture(scope="module")
@@ -30,299 +85,382 @@ def backbone():
     return MambaLM(tiny_config()).eval()
 
 
-@pytest.fixture(scope="module")
-def dynamics(backbone):
-    torch.manual_seed(1)
-    return LatentDynamics(DynamicsConfig.for_model(backbone.config, rank=8), backbone).eval()
+def model_with(backbone, **verifiers) -> CRSMModel:
+    return CRSMModel(backbone, tokenizer=TOKENIZER, verifiers=verifiers,
+                     config=DeliberationConfig(planner=SMALL))
 
 
-def constant_heads(config, biases):
-    """Heads whose value ignores the state: head l always says biases[l]."""
-    heads = ValueHeads(ValueHeadsConfig.for_model(config, hidden=8))
-    with torch.no_grad():
-        heads.w2.zero_()
-        heads.b2.copy_(torch.tensor(biases))
-    return heads.eval()
+def request(prompt, n, deliberation=None, sampling=GREEDY):
+    return GenerationRequest(tuple(TOKENIZER.encode(prompt)), n, sampling, ignore_eos=True, deliberation=deliberation)
 
 
-class SlowStepper:
-    """A stepper that sleeps before each step: a planner slowed on purpose (it runs in the worker)."""
-
-    def __init__(self, inner, delay_s: float):
-        self.inner, self.delay_s = inner, delay_s
-
-    def step(self, tokens, state):
-        time.sleep(self.delay_s)
-        return self.inner.step(tokens, state)
+async def engine_for(crsm, **config) -> Engine:
+    engine = Engine.for_model(crsm, EngineConfig(max_sessions=4, **config))
+    engine.start()
+    return engine
 
 
-def deliberator(backbone, dynamics, heads, config, generation_id):
-    """A session deliberator on a runtime of its own (closed with `close_all`)."""
-    return SessionDeliberator(PlannerRuntime(backbone, dynamics, heads), config, generation_id)
+def counters(completion) -> dict[str, int]:
+    return completion.done.deliberation
 
 
-async def close_all(delib):
-    events = await delib.close()
-    delib.runtime.close()
-    return events
+def accounted(c: dict[str, int]) -> None:
+    """Every plan launched finished (its result resolved exactly once), was cancelled, or failed."""
+    assert c["launched"] == c["produced"] + c["cancelled"] + c["failed"], c
+    resolved = sum(c[k] for k in ("applied", "applied_late", "pruned", "vetoed", "diverged", "rejected"))
+    assert c["produced"] == resolved, c
 
 
-def prefilled(backbone, length=10):
+# ---- speculation and its check ------------------------------------------------------------------------
+
+async def test_speculated_tokens_are_the_generators_own_at_any_temperature(backbone):
+    """A plan speculates `lag` tokens drawn as its generator draws them (same sampler, seed and counter):
+    none of its prefixes diverges, seeded sampling included."""
+    crsm = model_with(backbone)
+    engine = await engine_for(crsm)
+    try:
+        config = DeliberationConfig(lag=3, planner=SMALL, use_suggestions=False)
+        sessions = engine.submit_all([request("speculate", 48, config, SamplingParams(temperature=1.0, seed=s))
+                                      for s in (1, 2)] + [request("greedy", 48, config)])
+        for done in [await s.collect() for s in sessions]:
+            c = counters(done)
+            accounted(c)
+            assert c["produced"] >= 2 and c["diverged"] == 0, c
+            assert c["applied"] + c["applied_late"] >= 1, c
+    finally:
+        await engine.shutdown()
+        crsm.close()
+
+
+async def test_a_plan_whose_assumed_tokens_were_not_emitted_diverges(backbone):
+    """An untrained latent dynamics model (allowed here by a claimed fidelity) speculates tokens the
+    generator does not emit: those plans are resolved DIVERGED, naming the position, never applied."""
+    crsm = CRSMModel(backbone, tokenizer=TOKENIZER, config=DeliberationConfig(planner=SMALL), dynamics_top1=1.0)
+    engine = await engine_for(crsm)
+    try:
+        config = DeliberationConfig(lag=4, steps="dynamics", planner=SMALL, use_suggestions=False)
+        done = await engine.submit(request("diverge", 64, config)).collect()
+        c = counters(done)
+        accounted(c)
+        diverged = [e for e in done.injections if e.outcome is InjectionOutcome.DIVERGED]
+        assert diverged and c["diverged"] == len(diverged)
+        assert all(e.reason.startswith("assumed token") and "the generator emitted" in e.reason for e in diverged)
+    finally:
+        await engine.shutdown()
+        crsm.close()
+
+
+async def test_latent_dynamics_steps_need_a_measured_fidelity(backbone):
+    crsm = model_with(backbone)   # no training report: fidelity not measured
+    engine = await engine_for(crsm)
+    try:
+        with pytest.raises(RequestError, match="top-1 agreement") as e:
+            engine.submit(request("x", 4, DeliberationConfig(steps="dynamics")))
+        assert e.value.param == "deliberation"
+        with pytest.raises(RequestError, match="unknown verifier 'nope'"):
+            engine.submit(request("x", 4, DeliberationConfig(verifier="nope")))
+    finally:
+        await engine.shutdown()
+        crsm.close()
+
+
+# ---- what a plan holds, and late plans (the runtime) --------------------------------------------------
+
+def exact_state(backbone, tokens):
     state = backbone.allocate_state(1)
-    with torch.no_grad():
-        logits = backbone.prefill(torch.randint(0, 256, (1, length)), state)
+    with torch.inference_mode():
+        logits = backbone.prefill(torch.tensor([tokens]), state)
     return state, logits
 
 
-def sync_config(**overrides):
-    base = dict(synchronous=True, planner=SMALL_PLANNER, injection_rate=0.5, veto_threshold=0.5)
-    base.update(overrides)
-    return DeliberationConfig(**base)
+def plan(runtime, crsm, prompt, log, lead, config):
+    """One plan from the exact state after `prompt`, with the session's token log `log`."""
+    state, logits = exact_state(crsm.backbone, prompt)
+    request = PlanRequest(1, config, state, logits, len(prompt), TokenLog(log), GREEDY, 0, 0, lead,
+                          crsm.veto_threshold)
+    [future] = runtime.submit([request])
+    return future.result(timeout=120)
 
 
-async def test_disagreeing_heads_veto_and_agreeing_heads_gate(backbone, dynamics):
-    cfg = backbone.config
-    tokens = torch.randint(0, 256, (20,)).tolist()
-    # disagreeing heads: std over [-2, 2, -2, 2] = 2 > 0.5 -> vetoed, alpha 0
-    delib = deliberator(backbone, dynamics, constant_heads(cfg, [-2.0, 2.0, -2.0, 2.0]), sync_config(), 1)
-    state, logits = prefilled(backbone)
-    entry = delib.plan(state.clone(), 10, logits)
-    assert entry.vetoed and entry.spread == pytest.approx(2.0) and torch.equal(entry.alpha, torch.zeros(4))
-    assert (entry.target_position, entry.captured_position) == (13, 10)
-    delib.buffer.put(entry)
-    with torch.no_grad():
-        backbone.prefill(torch.tensor([tokens[10:13]]), state)
-    before = state.clone()
-    events, suggestion = delib.apply_due(13, state, tokens)
-    assert [e.outcome for e in events] == [InjectionOutcome.VETOED] and suggestion is None
-    assert torch.equal(state.ssm, before.ssm) and torch.equal(state.conv, before.conv)
-    # agreeing heads: spread 0, alpha = rate * weight * sigmoid(v)
-    await close_all(delib)
-    delib = deliberator(backbone, dynamics, constant_heads(cfg, [1.5] * 4), sync_config(use_suggestions=True), 2)
-    state, logits = prefilled(backbone)
-    entry = delib.plan(state.clone(), 10, logits)
-    assert not entry.vetoed and entry.spread == pytest.approx(0.0, abs=1e-6)
-    expected = 0.5 * default_layer_weights(4) * torch.sigmoid(torch.tensor(1.5))
-    assert torch.allclose(entry.alpha, expected)
-    delib.buffer.put(entry)
-    with torch.no_grad():
-        backbone.prefill(torch.tensor([tokens[10:13]]), state)
-    events, suggestion = delib.apply_due(13, state, tokens)
-    assert [e.outcome for e in events] == [InjectionOutcome.APPLIED] and suggestion == entry.action
-    await close_all(delib)
-    await close_all(deliberator(backbone, dynamics, constant_heads(cfg, [0.0] * 4), sync_config(), 3))
-
-
-def log_of(result):
-    """The injection log without what differs by design between runs (ids, wall-clock latency)."""
-    skip = {"latency_s", "generation_id"}
-    return [(p.position, p.token, p.suggested,
-             [{k: v for k, v in e.to_dict().items() if k not in skip} for e in p.events]) for p in result.log]
-
-
-async def test_synchronous_mode_is_deterministic(backbone, dynamics):
-    heads = constant_heads(backbone.config, [0.5, 0.2, -0.1, 0.3])
-    model = CRSMModel(backbone, tokenizer=ByteTokenizer(), dynamics=dynamics, value_heads=heads,
-                      config=sync_config(use_suggestions=True, veto_threshold=1.0))
-    sampling = SamplingParams(temperature=1.0, seed=123)
+def test_a_plan_decides_the_position_it_reached_and_holds_the_state_after_its_action(backbone):
+    crsm = model_with(backbone, constant=constant(0.5))
+    runtime = crsm.planner_runtime()
     try:
-        runs = [await model.think_and_generate("The planner ", max_length=40, deliberation_lag=3,
-                                               sampling=sampling, stop_at_eos=False) for _ in range(2)]
+        prompt = TOKENIZER.encode("a plan from here")
+        t, lead = len(prompt), 3
+        result = plan(runtime, crsm, prompt, prompt, lead, DeliberationConfig(planner=SMALL, verifier="constant"))
+        entry = result.entry
+        assert result.outcome is None                     # the session is still at t: on time
+        # speculated: the greedy continuation of exact steps
+        greedy, ids = [], list(prompt)
+        for _ in range(lead):
+            _, logits = exact_state(backbone, ids)
+            greedy.append(int(logits.argmax()))
+            ids.append(greedy[-1])
+        assert entry.assumed_tokens == tuple(greedy) and entry.decision_position == t + lead
+        # the root's priors are the exact logits there
+        _, root_logits = exact_state(backbone, ids)
+        assert entry.candidates == tuple(torch.sort(root_logits[0], descending=True, stable=True)[1][:4].tolist())
+        # no information in the value: the choice is the model's own argmax
+        assert entry.action == int(root_logits.argmax())
+        # the target is the state of position r + 1 after reading a*
+        assert entry.state_position == t + lead + 1
+        child, _ = exact_state(backbone, ids + [entry.action])
+        assert torch.allclose(entry.target_state.ssm, child.ssm, atol=1e-5)
+        assert torch.allclose(entry.target_state.conv, child.conv, atol=1e-5)
     finally:
-        model.close()
-    a, b = runs
-    assert a.generation_id != b.generation_id
-    assert a.tokens == b.tokens and len(a.tokens) == 40
-    assert log_of(a) == log_of(b)
-    # a plan per position from the prompt's end; each applied exactly at its target position,
-    # and with suggestions on, the token there is the planned action
-    applied = [e for e in a.events if e.outcome is InjectionOutcome.APPLIED]
-    assert len(applied) == 40 - 3
-    n_prompt = len(a.prompt_tokens)
-    for e in applied:
-        assert e.position == e.target_position == e.captured_position + 3
-        assert a.log[e.position - n_prompt].token == e.action and a.log[e.position - n_prompt].suggested
-    assert a.counters["produced"] == a.counters["applied"] + a.counters["pruned"] == 40
-    assert a.text == ByteTokenizer().decode(a.tokens)
+        runtime.close()
+        crsm.close()
 
 
-def accounting_holds(result):
-    c = result.counters
-    resolved = c["applied"] + c["applied_late"] + c["pruned"] + c["vetoed"] + c["rejected"]
-    assert resolved == c["produced"] == len(result.events)
-    assert c["launched"] == c["produced"] + c["cancelled"] + c["failed"] and c["failed"] == 0
-    keys = [(e.generation_id, e.captured_position, e.target_position) for e in result.events]
-    assert len(keys) == len(set(keys))   # no entry resolved (let alone applied) twice
-    for e in result.events:
-        if e.outcome is InjectionOutcome.APPLIED:
-            assert e.lateness == 0 and e.position == e.target_position
-        if e.outcome is InjectionOutcome.APPLIED_LATE:
-            assert 0 < e.lateness <= 8
-
-
-async def paired_ratios(model, prompt, n_tokens, pairs):
-    """Back-to-back runs without and with deliberation, in alternating order; returns the sorted
-    time ratios (with / without) and the number of planner results produced."""
-    sampling = SamplingParams(temperature=1.0, seed=5)
-    ratios, produced = [], 0
-    for i in range(pairs):
-        times = {}
-        for deliberate in ((False, True) if i % 2 == 0 else (True, False)):
-            result = await model.think_and_generate(prompt, max_length=n_tokens, use_deliberation=deliberate,
-                                                    sampling=sampling, stop_at_eos=False)
-            assert len(result.tokens) == n_tokens
-            times[deliberate] = result.decode_time_s
-            if deliberate:
-                accounting_holds(result)
-                produced += result.counters["produced"]
-        ratios.append(times[True] / times[False])
-    return sorted(ratios), produced
-
-
-async def test_slow_planner_does_not_slow_the_generator(backbone, dynamics):
-    # Each plan: ~12 ms of compute and ~5 steps of 80 ms asleep; 500 tokens take ~0.7 s.
-    n_tokens, delay_s, pairs = 500, 0.08, 6
-    heads = ValueHeads(ValueHeadsConfig.for_model(backbone.config, hidden=8)).eval()
-    planner = PlannerConfig(n_simulations=4, top_k=2, max_depth=1, leaf_batch=4)
-    model = CRSMModel(backbone, dynamics=SlowStepper(dynamics, delay_s), value_heads=heads,
-                      config=DeliberationConfig(planner=planner, injection_rate=0.2))
-    prompt = torch.randint(0, 256, (12,)).tolist()
-    medians = []
+def test_late_plans_are_resolved_or_caught_up_exactly_by_the_worker(backbone):
+    prompt = TOKENIZER.encode("late by design")
+    t = len(prompt)
+    _, logits = exact_state(backbone, prompt)
+    first, second = torch.sort(logits[0], descending=True, stable=True)[1][:2].tolist()
+    prefer_second = Preferring(lambda token: token == second)
+    crsm = model_with(backbone, second=prefer_second, constant=constant(0.5))
+    runtime = crsm.planner_runtime()
     try:
-        # The median of paired ratios resists the load of other processes (it moves on the scale of
-        # seconds); a measurement is repeated (at most 3 times) only while that load still spoils it.
-        # A generator that waited for this planner would take about twice as long, every time.
-        for _ in range(3):
-            ratios, produced = await paired_ratios(model, prompt, n_tokens, pairs)
-            assert produced >= pairs
-            medians.append((ratios[pairs // 2 - 1] + ratios[pairs // 2]) / 2)
-            if medians[-1] <= 1.10:
-                break
+        emitted = prompt + [first] + TOKENIZER.encode(" and on it went")   # the generator moved on
+        config = DeliberationConfig(lag=0, planner=SMALL, verifier="second")
+        late = plan(runtime, crsm, prompt, emitted, 0, config)
+        entry = late.entry
+        assert late.outcome is None and entry.action == second and first in entry.beats
+        # caught up through the emitted tokens, to a token or so behind the generator
+        assert len(emitted) - GENERATOR_CATCH_UP <= entry.state_position <= len(emitted) and entry.lateness > 0
+        exact, _ = exact_state(backbone, prompt + [second] + emitted[t + 1:entry.state_position])
+        assert torch.allclose(entry.target_state.ssm, exact.ssm, atol=1e-5)
+        assert torch.allclose(entry.target_state.conv, exact.conv, atol=1e-5)
+        # a late plan that chose the emitted token has nothing left to do
+        agreed = plan(runtime, crsm, prompt, emitted, 0, dataclasses.replace(config, verifier="constant"))
+        assert (agreed.outcome, agreed.effect) == (InjectionOutcome.APPLIED_LATE, Effect.NONE)
+        assert agreed.entry.state_position == t + 1                   # never stepped
+        # one whose speculated token was not emitted diverged
+        other = [x for x in range(256) if x != first][0]
+        diverged = plan(runtime, crsm, prompt, prompt + [other] + emitted[t + 1:], 1, config)
+        assert diverged.outcome is InjectionOutcome.DIVERGED
     finally:
-        model.close()
-    print("median time ratios (with / without deliberation):", [round(m, 3) for m in medians])
-    assert min(medians) <= 1.10, medians
+        runtime.close()
+        crsm.close()
 
 
-async def test_generator_runs_to_the_end_while_its_planner_is_stuck(backbone, dynamics):
-    """Structural check, no timing: the planner's worker blocks until released, and the generator
-    still consumes all its tokens (observing, applying) meanwhile."""
-    release = threading.Event()
+# ---- through the engine: late plans land, the generator never waits ----------------------------------
 
-    class Stuck:
-        def step(self, tokens, state):
-            assert release.wait(timeout=30)
-            return dynamics.step(tokens, state)
-
-    delib = deliberator(backbone, Stuck(), constant_heads(backbone.config, [0.0] * 4),
-                        DeliberationConfig(planner=SMALL_PLANNER), generation_id=4)
-    state, logits = prefilled(backbone, length=5)
-    tokens = list(range(5))
-    with torch.no_grad():
-        for position in range(5, 205):
-            delib.apply_due(position, state, tokens)
-            delib.observe(position, state, logits)
-            await asyncio.sleep(0)                    # the loop may start the planner task meanwhile
-            tokens.append(int(logits.argmax()))
-            logits = backbone.step(torch.tensor(tokens[-1:]), state)
-    assert delib.busy and not release.is_set()
-    counters = delib.counters()
-    assert counters["launched"] == 1 and counters["skipped"] == 199 and counters["produced"] == 0
-    release.set()
-    await close_all(delib)
-    assert asyncio.all_tasks() == {asyncio.current_task()}
-
-
-async def test_planner_results_are_all_accounted_for_with_a_moderately_slow_planner(backbone, dynamics):
-    """Plans finishing a few tokens late: some applied late (caught up by the worker), some pruned."""
-    model = CRSMModel(backbone, dynamics=SlowStepper(dynamics, 0.002),
-                      value_heads=constant_heads(backbone.config, [0.1, 0.2, 0.3, 0.4]),
-                      config=DeliberationConfig(planner=SMALL_PLANNER, max_lag=4))
+async def test_a_late_plan_lands_caught_up_and_the_generator_never_waited(backbone):
+    odd = AvoidingGreedy(backbone)
+    crsm = model_with(backbone, odd=odd)
+    engine = await engine_for(crsm)
     try:
-        result = await model.think_and_generate(list(range(40, 52)), max_length=200,
-                                                sampling=SamplingParams(temperature=1.0, seed=2), stop_at_eos=False)
+        config = DeliberationConfig(lag=0, planner=SMALL, verifier="odd", injection_rate=1.0, use_suggestions=False,
+                                    layer_weights=(1.0,) * 4, blend_conv=True, max_target_norm_ratio=1e6)
+        odd.hold()
+        session = engine.submit(request("wait for me", 200, config))
+        while len(session.tokens) < 12:      # the planner is stuck in its first search meanwhile
+            await asyncio.sleep(0.005)
+        assert odd.searches == 1 and session.deliberator.busy
+        odd.go()
+        done = await session.collect()
+        c = counters(done)
+        accounted(c)
+        assert c["waited"] == 0 and c["launched"] >= 1
+        landed = [e for e in done.injections if e.outcome in (InjectionOutcome.APPLIED, InjectionOutcome.APPLIED_LATE)]
+        first = done.injections[0]
+        assert first.captured_position == len("wait for me") and first.lateness >= 12 - 1 - GENERATOR_CATCH_UP
+        assert (first.outcome, first.effect) == (InjectionOutcome.APPLIED_LATE, Effect.BLENDED)
+        assert first.reason.startswith("caught up through") and first.alpha   # every plan disagrees: all blend
+        assert all(e.effect is Effect.BLENDED for e in landed)
+        assert (c["applied"] + c["applied_late"]) / max(1, c["produced"] - c["vetoed"]) >= 0.5
     finally:
-        model.close()
-    accounting_holds(result)
-    assert result.counters["produced"] >= 3
+        odd.go()
+        await engine.shutdown()
+        crsm.close()
 
 
-async def test_closing_cancels_the_planner_task_and_stops_its_worker(backbone, dynamics):
-    delib = deliberator(backbone, SlowStepper(dynamics, 0.05), constant_heads(backbone.config, [0.0] * 4),
-                        DeliberationConfig(planner=SMALL_PLANNER), generation_id=9)
-    state, logits = prefilled(backbone)
-    delib.observe(10, state, logits)
-    await asyncio.sleep(0.02)
-    assert delib.busy and len(asyncio.all_tasks()) == 2
-    start = time.perf_counter()
-    events = await delib.close()
-    assert time.perf_counter() - start < 0.5
-    assert events == [] and not delib.busy
-    assert asyncio.all_tasks() == {asyncio.current_task()}
-    while not delib.runtime.idle:                     # the worker stops at its next step
-        assert time.perf_counter() - start < 0.5
-        await asyncio.sleep(0.005)
-    assert delib.counters() == dict(produced=0, applied=0, applied_late=0, pruned=0, vetoed=0, rejected=0,
-                                    launched=1, skipped=0, cancelled=1, failed=0, simulations=0, state_steps=0)
-    delib.observe(11, state, logits)                  # closed: nothing starts
-    await asyncio.sleep(0.01)
-    assert asyncio.all_tasks() == {asyncio.current_task()} and delib.counters()["launched"] == 1
-    delib.runtime.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("crsm-planner")]
+async def test_a_failing_planner_fails_its_plans_not_the_session(backbone):
+    def broken(contexts):
+        raise RuntimeError("checker crashed")
 
-
-async def test_cancelling_a_generation_leaves_no_task_behind(backbone, dynamics):
-    model = CRSMModel(backbone, dynamics=SlowStepper(dynamics, 0.05),
-                      value_heads=constant_heads(backbone.config, [0.0] * 4),
-                      config=DeliberationConfig(planner=SMALL_PLANNER))
+    crsm = model_with(backbone, broken=broken)
+    engine = await engine_for(crsm)
     try:
-        generation = asyncio.create_task(model.think_and_generate([1, 2, 3], max_length=100_000, stop_at_eos=False))
-        await asyncio.sleep(0.2)
-        assert len(asyncio.all_tasks()) >= 3          # this test, the generation, its planner
-        generation.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await generation
-        assert asyncio.all_tasks() == {asyncio.current_task()}
+        failing, healthy = engine.submit_all([request("a", 24, DeliberationConfig(planner=SMALL, verifier="broken")),
+                                              request("b", 24)])
+        failed, fine = await failing.collect(), await healthy.collect()
+        c = counters(failed)
+        assert c["failed"] >= 1 and c["produced"] == 0 and failed.done.usage.completion_tokens == 24
+        accounted(c)
+        assert fine.done.usage.completion_tokens == 24
     finally:
-        model.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("crsm-")]
+        await engine.shutdown()
+        crsm.close()
 
 
-async def test_checkpoint_round_trip_generates_the_same(backbone, dynamics, tmp_path):
-    heads = constant_heads(backbone.config, [0.3, -0.2, 0.1, 0.4])
-    config = sync_config(use_suggestions=True, veto_threshold=1.0)
-    model = CRSMModel(backbone, tokenizer=ByteTokenizer(), dynamics=dynamics, value_heads=heads, config=config)
-    model.save_pretrained(tmp_path)
-    assert {"dynamics.safetensors", "dynamics.json", "value_heads.safetensors", "value_heads.json"} <= \
-        {p.name for p in tmp_path.iterdir()}
-    loaded = CRSMModel.from_pretrained(tmp_path, config=config)
+async def test_closing_a_session_cancels_its_plan(backbone):
+    stuck = Preferring(lambda token: True)
+    crsm = model_with(backbone, stuck=stuck)
+    engine = await engine_for(crsm, max_new_tokens=10**6)
     try:
-        a, b = [await m.think_and_generate("abc", max_length=20, sampling=SamplingParams(temperature=0.0),
-                                           stop_at_eos=False) for m in (model, loaded)]
+        stuck.hold()
+        session = engine.submit(request("cancel me", 10**6, DeliberationConfig(planner=SMALL, verifier="stuck")))
+        while stuck.searches == 0:
+            await asyncio.sleep(0.005)
+        session.cancel()
+        done = await session.collect()
+        assert done.done.finish_reason == "cancelled"
+        c = counters(done)
+        assert c["cancelled"] == 1 and c["produced"] == 0
+        accounted(c)
+        assert engine.num_planners == 0
+        stuck.go()                            # the worker stops at its next step: nothing is delivered
+        runtime = engine.planner_runtime
+        while not runtime.idle:
+            await asyncio.sleep(0.01)
+        assert counters(done) == c
     finally:
-        model.close()
-        loaded.close()
-    assert a.tokens == b.tokens and log_of(a) == log_of(b)
-    assert a.counters["applied"] > 0
+        stuck.go()
+        await engine.shutdown()
+        crsm.close()
 
 
-def test_a_model_directory_brings_its_deliberation_defaults(tmp_path):
-    import json
+# ---- the synchronous mode ----------------------------------------------------------------------------
 
-    from crsm_core.backbone import MambaLM
-    from crsm_core.config import tiny_config
-    from crsm_core.deliberation import DeliberationConfig
-    from crsm_core.model import CRSMModel
-    from crsm_core.tokenizer import ByteTokenizer
+async def test_synchronous_deliberation_is_reproducible(backbone):
+    """Identical requests give identical tokens and plan outcomes, together or alone, greedy or seeded,
+    with plans that act (a checker that prefers odd tokens, suggestions on)."""
+    crsm = model_with(backbone, odd=Preferring(lambda token: token % 2 == 1))
+    engine = await engine_for(crsm)
+    try:
+        config = DeliberationConfig(synchronous=True, planner=SMALL, verifier="odd")
+        for sampling in (GREEDY, SamplingParams(temperature=1.0, seed=7)):
+            together = await asyncio.gather(*(s.collect() for s in engine.submit_all(
+                [request("same", 16, config, sampling) for _ in range(3)])))
+            alone = await engine.submit(request("same", 16, config, sampling)).collect()
+            runs = together + [alone]
+            outcomes = [[(e.position, e.target_position, e.outcome, e.effect, e.action) for e in r.injections]
+                        for r in runs]
+            assert all(r.token_ids == alone.token_ids for r in runs)
+            assert all(o == outcomes[-1] for o in outcomes)
+            c = counters(alone)
+            accounted(c)
+            assert c["waited"] == c["launched"] >= 16 and c["suggested"] >= 1
+    finally:
+        await engine.shutdown()
+        crsm.close()
 
-    model = CRSMModel(MambaLM(tiny_config()), tokenizer=ByteTokenizer())
-    model.save_pretrained(tmp_path)
-    model.close()
-    assert CRSMModel.from_pretrained(tmp_path).config == DeliberationConfig()
-    (tmp_path / "crsm.json").write_text(json.dumps({"lag": 5, "injection_rate": 0.2, "planner": {"n_simulations": 8}}))
-    loaded = CRSMModel.from_pretrained(tmp_path)
-    assert (loaded.config.lag, loaded.config.injection_rate, loaded.config.planner.n_simulations) == (5, 0.2, 8)
-    loaded.close()
-    (tmp_path / "crsm.json").write_text(json.dumps({"lag": 0}))
-    with pytest.raises(ValueError, match=r"crsm.json: lag must be >= 1"):
-        CRSMModel.from_pretrained(tmp_path)
+
+async def test_a_parked_session_does_not_hold_the_others_and_its_wait_is_bounded(backbone):
+    stuck = Preferring(lambda token: True)
+    crsm = model_with(backbone, stuck=stuck)
+    engine = await engine_for(crsm)
+    try:
+        stuck.hold()
+        waiting = engine.submit(request("sync", 6, DeliberationConfig(synchronous=True, planner=SMALL,
+                                                                       verifier="stuck", synchronous_timeout_s=600)))
+        others = await engine.submit(request("free", 20)).collect()
+        assert others.done.usage.completion_tokens == 20 and waiting.tokens == []   # parked all along
+        stuck.go()
+        done = await waiting.collect()
+        assert done.done.usage.completion_tokens == 6 and counters(done)["timed_out"] == 0
+        # a bounded wait: past synchronous_timeout_s the session goes on without its plan
+        stuck.hold()
+        bounded = engine.submit(request("sync", 4, DeliberationConfig(synchronous=True, planner=SMALL,
+                                                                       verifier="stuck", synchronous_timeout_s=0.05)))
+        while len(bounded.tokens) < 4:
+            await asyncio.sleep(0.01)
+        stuck.go()
+        c = counters(await bounded.collect())
+        assert c["timed_out"] >= 1
+        accounted(c)
+    finally:
+        stuck.go()
+        await engine.shutdown()
+        crsm.close()
+
+
+# ---- the veto ----------------------------------------------------------------------------------------
+
+async def test_the_veto_threshold_is_the_heads_calibrated_one(backbone):
+    heads = ValueHeads(dataclasses.replace(ValueHeadsConfig.for_model(backbone.config, hidden=8),
+                                           veto_threshold=0.0)).eval()
+    strict = CRSMModel(backbone, tokenizer=TOKENIZER, value_heads=heads, config=DeliberationConfig(planner=SMALL))
+    assert strict.veto_threshold == 0.0
+    engine = await engine_for(strict)
+    try:
+        done = await engine.submit(request("vetoed", 32, DeliberationConfig(synchronous=True, planner=SMALL))).collect()
+        c = counters(done)
+        assert c["produced"] >= 1 and c["vetoed"] == c["produced"]
+        assert all("> threshold 0" in e.reason for e in done.injections)
+        # a request may set its own threshold
+        lenient = await engine.submit(request("vetoed", 8, DeliberationConfig(synchronous=True, planner=SMALL,
+                                                                               veto_threshold=1.0))).collect()
+        assert counters(lenient)["vetoed"] == 0
+    finally:
+        await engine.shutdown()
+        strict.close()
+    # uncalibrated heads veto nothing; the bundled model's threshold is the one stage 3's calibration wrote
+    assert model_with(backbone).veto_threshold == float("inf")
+    bundled = CRSMModel.from_pretrained(DEFAULT_MODEL_DIR)
+    try:
+        assert bundled.veto_threshold == bundled.value_heads.config.veto_threshold
+        assert 0 < bundled.veto_threshold < 1 and bundled.value_heads.config.veto_percentile == 99.0
+    finally:
+        bundled.close()
+
+
+# ---- the bundled model: delivery does no harm, a checker helps ----------------------------------------
+
+def held_out(n: int) -> list[str]:
+    from crsm_core.training.config import load_config
+    from crsm_core.training.tasks import heldout_prompts
+    cfg = load_config("configs/small.yaml")
+    return heldout_prompts(cfg.tasks, n, cfg.seed)
+
+
+async def complete_all(crsm, prompts, deliberation):
+    sessions = crsm.engine().submit_all([GenerationRequest(tuple(TOKENIZER.encode(p)), 8, GREEDY,
+                                                           deliberation=deliberation) for p in prompts])
+    return [await s.collect() for s in sessions]
+
+
+@pytest.mark.slow
+async def test_on_the_bundled_model_a_value_without_information_changes_nothing():
+    """Synchronous deliberation with a constant value: every plan chooses the model's own token, and the
+    output equals the output without deliberation, token for token."""
+    crsm = CRSMModel.from_pretrained(DEFAULT_MODEL_DIR)
+    crsm.verifiers["constant"] = constant(0.5)
+    try:
+        prompts = held_out(24)
+        off = await complete_all(crsm, prompts, None)
+        on = await complete_all(crsm, prompts, DeliberationConfig(synchronous=True, verifier="constant",
+                                                                  planner=PlannerConfig(n_simulations=16)))
+        for a, b in zip(off, on):
+            assert b.token_ids == a.token_ids
+            c = counters(b)
+            accounted(c)
+            assert c["applied"] == c["produced"] == c["launched"] and c["blended"] == 0
+            sequence = list(TOKENIZER.encode(prompts[off.index(a)])) + b.token_ids
+            assert all(sequence[e.target_position] == e.action for e in b.injections)
+    finally:
+        crsm.close()
+
+
+@pytest.mark.slow
+async def test_on_the_bundled_model_the_arithmetic_checker_fixes_greedy_errors():
+    """With the arithmetic checker as value (the checker on the prefix), synchronous deliberation fixes
+    greedy's errors whose right token is among the search's candidates, and breaks no right answer."""
+    from crsm_core.training.tasks import check
+    crsm = CRSMModel.from_pretrained(DEFAULT_MODEL_DIR)
+    try:
+        prompts = held_out(120)
+        off = await complete_all(crsm, prompts, None)
+        wrong = [p for p, c in zip(prompts, off) if not check(p, TOKENIZER.decode(c.token_ids))]
+        right = [p for p, c in zip(prompts, off) if check(p, TOKENIZER.decode(c.token_ids))][:12]
+        assert len(wrong) >= 4
+        config = DeliberationConfig(synchronous=True, verifier="arithmetic", planner=PlannerConfig(n_simulations=16))
+        fixed = await complete_all(crsm, wrong + right, config)
+        answers = [check(p, TOKENIZER.decode(c.token_ids)) for p, c in zip(wrong + right, fixed)]
+        assert sum(answers[:len(wrong)]) >= len(wrong) / 2
+        assert all(answers[len(wrong):])
+    finally:
+        crsm.close()

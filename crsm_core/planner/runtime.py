@@ -242,6 +242,7 @@ class PlannerRuntime:
             self._steps = {"exact": exact, "dynamics": latent}
             self._round_steps = {"exact": backbone.step, "dynamics": dynamics}
         self._ride = ride
+        self._prefill = backbone.prefill   # a long catch-up: one chunked scan, on this runtime's stream
         # The generator's part of a catch-up (the last token or two), on its own stream: graphs of a few rows.
         self.generator_step: StepFn = CapturedStepper(backbone, backbone.step, 16).step if on_gpu else backbone.step
         self.lead_estimator = LeadEstimator()
@@ -509,5 +510,6 @@ class PlannerRuntime:
                     late.append((result.entry, emitted))
             if not late:
                 break
-            catch_up([e for e, _ in late], [t for _, t in late], [len(t) for _, t in late], counted)
+            catch_up([e for e, _ in late], [t for _, t in late], [len(t) for _, t in late], counted,
+                     prefill=self._prefill)
         return results
