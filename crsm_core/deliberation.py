@@ -247,8 +247,7 @@ class SessionDeliberator:
                 if result.outcome is None:
                     self.buffer.put(result.entry)
                 else:
-                    self.buffer.put_resolved(result.entry, result.position,
-                                             Verdict(result.outcome, result.reason, result.effect))
+                    self.buffer.put_resolved(result.entry, Verdict(result.outcome, result.reason, result.effect))
         if self._notify is not None:
             self._notify()
 

@@ -313,7 +313,7 @@ class TargetBuffer:
         self.use_suggestions = use_suggestions
         self.counters = InjectionCounters()
         self._pending: list[TargetEntry] = []   # arrival order
-        self._resolved: list[InjectionEvent] = []  # resolved by the producer, reported at the next position
+        self._resolved: list[tuple[TargetEntry, Verdict]] = []  # resolved by the producer, reported at the next position
         self._lock = threading.Lock()
         self._finished = False
 
@@ -326,14 +326,14 @@ class TargetBuffer:
             self._pending.append(entry)
             self.counters.produced += 1
 
-    def put_resolved(self, entry: TargetEntry, position: int, resolution: Verdict) -> None:
-        """An entry its producer already resolved (`verdict` on the tokens up to `position`): counted now,
-        its event handed to the generator at its next position."""
+    def put_resolved(self, entry: TargetEntry, resolution: Verdict) -> None:
+        """An entry its producer already resolved (`verdict` on the tokens emitted so far): its event is
+        made, at the generator's position then, and counted at the generator's next position."""
         with self._lock:
             if self._finished:
                 raise RuntimeError("put into a finished target buffer")
             self.counters.produced += 1
-            self._resolved.append(self._event(entry, position, resolution))
+            self._resolved.append((entry, resolution))
 
     def pending(self) -> int:
         with self._lock:
@@ -357,8 +357,9 @@ class TargetBuffer:
         Resolves what can be resolved and says what the generator must do (see the module docstring)."""
         out = Due()
         with self._lock:
-            out.events, self._resolved = self._resolved, []
+            resolved, self._resolved = self._resolved, []
             entries, self._pending = self._pending, []
+        out.events = [self._event(entry, position, found) for entry, found in resolved]
         keep = []
         for entry in entries:
             found = Verdict(InjectionOutcome.REJECTED, f"generation {entry.generation_id} != {self.generation_id}") \
@@ -416,9 +417,10 @@ class TargetBuffer:
         """The generation ended at `position` (tokens[p] for p < position): resolve what is left, by the
         tokens where they decide (`verdict`), else PRUNED; foreign entries REJECTED. Later `put`s raise."""
         with self._lock:
-            events, self._resolved = self._resolved, []
+            resolved, self._resolved = self._resolved, []
             entries, self._pending = self._pending, []
             self._finished = True
+        events = [self._event(entry, position, found) for entry, found in resolved]
         for entry in entries:
             if entry.generation_id != self.generation_id:
                 found = Verdict(InjectionOutcome.REJECTED, f"generation {entry.generation_id} != {self.generation_id}")

@@ -103,7 +103,13 @@ def test_deliberation_section(quick_run):
         assert r["p99_ratio"] > 0 and r["state_steps_per_s"] >= 0 and r["rows_stepped_per_s"] >= 0
         assert r["state_steps"] == r["counters"]["state_steps"]
         assert r["plans_launched"] >= 1 and 0 <= r["plans_finished"] <= r["plans_launched"]
-        assert set(r["injections"]) == {"applied", "applied_late", "pruned", "vetoed", "rejected"}
+        assert set(r["injections"]) == {"applied", "applied_late", "pruned", "vetoed", "diverged", "rejected"}
+        judged = r["counters"]["produced"] - r["counters"]["vetoed"]
+        if judged:
+            landed = r["counters"]["applied"] + r["counters"]["applied_late"]
+            assert r["landing_ratio"] == pytest.approx(landed / judged)
+        else:
+            assert r["landing_ratio"] is None
     # plans of the light --quick planner finish within the sessions somewhere, so the rate is measured
     assert sum(r["state_steps"] for r in rows) > 0
     # every counted state-step of a finished plan went through the dynamics (plus its lag fast-forward)
@@ -129,7 +135,7 @@ def test_http_section(quick_run):
 def test_targets_and_markdown(quick_run):
     _, _, data, markdown = quick_run
     targets = {t["name"]: t for t in data["targets"]}
-    assert len(targets) == 6 + 3 * len(PLANNER_MODES)
+    assert len(targets) == 6 + 4 * len(PLANNER_MODES)
     against_mamba = {"engine ITL p50, 1 session, vs mamba_ssm generate", "engine throughput, 64 sessions, vs mamba_ssm generate"}
     for name, t in targets.items():  # every section ran, so every target has its number and a verdict...
         if name in against_mamba:    # ...but those against mamba_ssm, whose baseline --quick skips

@@ -5,8 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from crsm_core.backbone import MambaLM
 from crsm_core.config import MambaConfig, tiny_config
-from crsm_core.dynamics import (DynamicsConfig, ExactDynamics, LatentDynamics, backbone_step_cost,
-                                distillation_loss, fast_forward, fidelity)
+from crsm_core.dynamics import DynamicsConfig, LatentDynamics, backbone_step_cost, distillation_loss, fidelity
 
 pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
@@ -43,40 +42,18 @@ def test_step_matches_functional_forward_and_advances_in_place(model):
     assert not torch.equal(state.ssm, before.ssm)
 
 
-@torch.no_grad()
-def test_fast_forward_given_tokens_and_greedy(model):
-    exact = ExactDynamics(model)
-    state, logits = prefilled(model, batch=3)
-    tokens = torch.randint(0, 256, (3, 5))
-    manual = state.clone()
-    for j in range(5):
-        manual_logits = model.step(tokens[:, j], manual)
-    ff_state = state.clone()
-    out = fast_forward(exact, ff_state, tokens=tokens)
-    assert torch.equal(out.logits, manual_logits) and torch.equal(ff_state.ssm, manual.ssm)
-    greedy_state = state.clone()
-    out = fast_forward(exact, greedy_state, steps=4, logits=logits)
-    assert out.tokens.shape == (3, 4)
-    assert torch.equal(out.tokens[:, 0], logits.argmax(-1))
-    replay = state.clone()
-    replayed = fast_forward(model, replay, tokens=out.tokens)
-    assert torch.equal(replayed.logits, out.logits) and torch.equal(replay.ssm, greedy_state.ssm)
-    with pytest.raises(ValueError):
-        fast_forward(exact, state, tokens=tokens, steps=2)
-
-
 def test_fidelity_exact_is_perfect_and_training_improves_the_latent_model(model):
     torch.manual_seed(1)
     state, _ = prefilled(model, batch=8, length=16)
     tokens = torch.randint(0, 256, (8, 8))
-    perfect = fidelity(model, ExactDynamics(model), state, tokens, lags=(1, 3, 8))
+    perfect = fidelity(model, model.step, state, tokens, lags=(1, 3, 8))
     assert [r.lag for r in perfect] == [1, 3, 8]
     for r in perfect:
         assert r.cosine == pytest.approx([1.0] * 4, abs=1e-5) and max(r.rel_error) < 1e-6
         assert r.top1_agreement == 1.0
 
     dyn = LatentDynamics(DynamicsConfig.for_model(model.config, rank=16), model)
-    untrained = fidelity(model, dyn, state, tokens, lags=(1, 3, 8))
+    untrained = fidelity(model, dyn.step, state, tokens, lags=(1, 3, 8))
     for r in untrained:
         assert all(-1.0 <= c <= 1.0 for c in r.cosine) and all(e >= 0 for e in r.rel_error)
     # a short distillation on random contexts lowers the held-out loss and the one-step state error
@@ -91,7 +68,7 @@ def test_fidelity_exact_is_perfect_and_training_improves_the_latent_model(model)
         opt.step()
     loss_after = distillation_loss(dyn, model, held_out, held_tokens).item()
     assert loss_after < 0.5 * loss_before, (loss_before, loss_after)
-    trained = fidelity(model, dyn, state, tokens, lags=(1, 3, 8))
+    trained = fidelity(model, dyn.step, state, tokens, lags=(1, 3, 8))
     assert sum(trained[0].rel_error) < sum(untrained[0].rel_error)
     assert sum(trained[0].cosine) > sum(untrained[0].cosine)
 

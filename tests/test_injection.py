@@ -237,11 +237,12 @@ def test_late_entries_decay_and_what_finish_resolves():
 def test_entries_resolved_by_their_producer_are_counted_and_reported_at_the_next_position():
     cfg = tiny_config()
     buffer = TargetBuffer(1, max_lag=8, delta_decay=0.9)
-    buffer.put_resolved(entry(random_state(cfg), 5, alpha_of(cfg)), 9,
+    buffer.put_resolved(entry(random_state(cfg), 5, alpha_of(cfg)),
                         Verdict(InjectionOutcome.DIVERGED, "assumed token 1 at position 3, the generator emitted 23"))
-    assert buffer.counters.produced == buffer.counters.diverged == 1
+    assert buffer.counters.produced == 1 and buffer.counters.diverged == 0
     [event] = buffer.due(10, TOKENS).events
-    assert event.outcome is InjectionOutcome.DIVERGED and event.position == 9
+    assert event.outcome is InjectionOutcome.DIVERGED and event.position == 10   # streamed before token 10
+    assert buffer.counters.diverged == 1
 
 
 # ---- bounded targets ------------------------------------------------------------------------------------

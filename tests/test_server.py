@@ -311,7 +311,7 @@ OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max
     (GENERATE, {"prompt": "a", "seed": -2**63 - 1}, "seed", "greater_than_equal"),
     (COMPLETIONS, {**OK_COMPLETION, "seed": 2**64}, "seed", "less_than_equal"),
     (GENERATE, {"prompt": "a", "stop": ["a"] * 9}, "stop", "value_error"),
-    (GENERATE, {"prompt": "a", "deliberation": {"lag": 0}}, "deliberation.lag", "greater_than_equal"),
+    (GENERATE, {"prompt": "a", "deliberation": {"lag": -1}}, "deliberation.lag", "greater_than_equal"),
     (GENERATE, {"prompt": "a", "deliberation": {"lag": 33}}, "deliberation.lag", "less_than_equal"),
     (GENERATE, {"prompt": "a", "deliberation": {"simulations": 257}}, "deliberation.simulations",
      "less_than_equal"),
@@ -397,7 +397,7 @@ def test_sse_with_deliberation_streams_every_injection(live):
     done = events[-1][1]
     assert done["usage"]["completion_tokens"] == len(tokens) == 40
     counters = done["deliberation"]
-    outcomes = ("applied", "applied_late", "pruned", "vetoed", "rejected")
+    outcomes = ("applied", "applied_late", "pruned", "vetoed", "diverged", "rejected")
     assert counters["launched"] >= 1 and injections
     # every planner result is resolved exactly once, streamed, and counted
     assert len(injections) == sum(counters[o] for o in outcomes) == counters["produced"]

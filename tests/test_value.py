@@ -1,10 +1,12 @@
-"""Consensus value heads: one head per layer, mean - lambda * std, veto on spread."""
+"""Consensus value heads: one head per layer, their spread, and the calibrated veto threshold."""
 import pytest
 import torch
 
 from crsm_core.config import tiny_config
 from crsm_core.state import RecurrentState
-from crsm_core.value import ValueHeads, ValueHeadsConfig, consensus, spread, vetoed
+import dataclasses
+
+from crsm_core.value import ValueHeads, ValueHeadsConfig, calibrate_veto, spread
 
 pytestmark = pytest.mark.usefixtures("single_intra_op_thread")
 
@@ -28,13 +30,17 @@ def test_each_head_reads_only_its_own_layer():
         assert torch.allclose(heads(s), w, atol=1e-4)
 
 
-def test_consensus_spread_and_veto_numbers():
-    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 0.0, 2.0]])
-    assert spread(values).tolist() == [0.0, 1.0]
-    assert consensus(values, 0.5).tolist() == [1.0, 0.5]
-    assert consensus(values, 0.0).tolist() == [1.0, 1.0]
-    assert vetoed(values, 0.5).tolist() == [False, True]
-    assert vetoed(values, 1.0).tolist() == [False, False]
+def test_spread_and_the_calibrated_veto_threshold():
+    values = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 0.0, 1.0]])
+    assert spread(values).tolist() == [0.0, 0.5]
+    # the threshold is a percentile of the spreads seen: 99% of these states are at or below it
+    probs = torch.rand(1000, 4)
+    threshold = calibrate_veto(probs, 99.0)
+    spreads = spread(probs)
+    assert (spreads <= threshold).float().mean() == pytest.approx(0.99, abs=0.002)
+    assert calibrate_veto(probs, 50.0) == pytest.approx(float(spreads.median()), abs=1e-3)
+    with pytest.raises(ValueError):
+        calibrate_veto(torch.empty(0, 4))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -48,3 +54,7 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(s), heads(s))
     assert loaded.config == heads.config
+    # a calibrated threshold travels with the heads it was measured on
+    heads.config = dataclasses.replace(heads.config, veto_threshold=0.25, veto_percentile=99.0)
+    heads.save(tmp_path)
+    assert ValueHeads.load(tmp_path).config.veto_threshold == 0.25

@@ -35,6 +35,7 @@ class RaisingValueHeads(nn.Module):
     def __init__(self, inner: nn.Module, fail_after: int, failures: int = 1):
         super().__init__()
         self.inner, self.fail_after, self.failures = inner, fail_after, failures
+        self.config = inner.config
         self.calls = self.raised = 0
         self._lock = threading.Lock()  # planner threads call it
 
