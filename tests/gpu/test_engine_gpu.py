@@ -109,7 +109,7 @@ def test_planners_run_on_the_gpu_and_leave_the_generator_exact(models, mode):
     fused, reference = models
     crsm = CRSMModel(fused, tokenizer=IdTokenizer(),
                      config=DeliberationConfig(planner=PlannerConfig(n_simulations=8, leaf_batch=4),
-                                               injection_rate=0.0))
+                                               injection_rate=0.0, use_suggestions=False))
     engine = Engine.for_model(crsm, EngineConfig(max_sessions=4, planner_mode=mode, ride_rows=8))
     torch.manual_seed(2)
     prompts = [torch.randint(0, CONFIG.vocab_size, (12,)).tolist() for _ in range(3)]
@@ -122,7 +122,64 @@ def test_planners_run_on_the_gpu_and_leave_the_generator_exact(models, mode):
         c = result.done.deliberation
         assert c["failed"] == 0 and c["produced"] >= 1 and c["state_steps"] > 0
         assert c["launched"] == c["produced"] + c["cancelled"]
-        assert c["produced"] == c["applied"] + c["applied_late"] + c["pruned"] + c["vetoed"] + c["rejected"]
-        assert c["rejected"] == 0
+        assert c["produced"] == sum(c[k] for k in ("applied", "applied_late", "pruned", "vetoed", "diverged",
+                                                   "rejected"))
+        assert c["rejected"] == 0 and c["diverged"] == 0
+        # plans land: on time or caught up (the heads are untrained: no veto)
+        assert c["applied"] + c["applied_late"] >= 0.9 * (c["produced"] - c["pruned"]) > 0, c
         n, ties = check_teacher_forced(reference, prompt, result.token_ids)
         assert ties <= MAX_TIE_SHARE * n
+
+
+def avoiding_greedy(backbone, release):
+    """A verifier valuing 1 what does not start with the model's own argmax (every plan disagrees with a
+    greedy generator, so every plan blends), held until `release` is set."""
+    def for_batch(contexts):
+        assert release.wait(timeout=120)
+        greedy = []
+        for context in contexts:
+            state = backbone.allocate_state(1)
+            greedy.append(int(backbone.prefill(torch.tensor([context], device="cuda"), state).argmax()))
+
+        def value(states, roots, tokens):
+            return torch.tensor([float(t >= 0 and t != greedy[r]) for r, t in zip(roots.tolist(), tokens[:, 0].tolist())],
+                                device="cuda").unsqueeze(1)
+        return value
+    return for_batch
+
+
+@pytest.mark.parametrize("mode", ["stream", "ride"])
+def test_late_plans_are_caught_up_and_land_on_the_gpu(models, mode):
+    """The late catch-up on the GPU (it failed there with "Inplace update to inference tensor outside
+    InferenceMode" at 135faea, no test covering it): a plan held until the generator is 24 tokens ahead
+    is caught up through them and blended."""
+    import threading
+    fused, _ = models
+    release = threading.Event()
+    crsm = CRSMModel(fused, tokenizer=IdTokenizer(), verifiers={"avoid": avoiding_greedy(fused, release)})
+    config = DeliberationConfig(lag=0, verifier="avoid", use_suggestions=False, injection_rate=0.5,
+                                planner=PlannerConfig(n_simulations=8, leaf_batch=4))
+    engine = Engine.for_model(crsm, EngineConfig(max_sessions=4, planner_mode=mode, ride_rows=8))
+
+    async def go():
+        engine.start()
+        try:
+            torch.manual_seed(3)
+            session = engine.submit(greedy(torch.randint(0, CONFIG.vocab_size, (12,)).tolist(), 160, config))
+            while len(session.tokens) < 24:
+                await asyncio.sleep(0.002)
+            release.set()
+            return await session.collect()
+        finally:
+            release.set()
+            await engine.shutdown()
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        crsm.close()
+    c = result.done.deliberation
+    assert c["failed"] == 0 and c["produced"] >= 1, c
+    first = result.injections[0]
+    assert first.outcome.value == "applied_late" and first.effect.value == "blended", first
+    assert first.lateness >= 20 and first.reason.startswith("caught up through")
