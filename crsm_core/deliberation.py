@@ -11,6 +11,9 @@ The generator, holding S_q before it chooses token q, calls
 entry lands in this session's `TargetBuffer`, which the generator reads at the positions the entry
 concerns. While a plan is in flight the planner is busy and later positions are skipped.
 
+A lead window (`lead_window` W) plans the first W positions of a completion synchronously and the rest
+asynchronously: time to think about how an answer starts, counted in the time to first token.
+
 Asynchronous (the default): a plan speculates `lag` tokens (or, with `lag` None, as many as the
 measured latency says it can afford: planner/runtime.py `LeadEstimator`) and plans for the position it
 reaches; whether it arrives in time depends on how fast planner and generator run, so which positions
@@ -83,6 +86,7 @@ class DeliberationConfig:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     verifier: str | None = None       # score plans by this checker (one the server knows), not the heads
     synchronous: bool = False         # a plan for every position; the session waits for it (deterministic)
+    lead_window: int = 0              # the first this many completion positions are planned synchronously
     synchronous_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -99,6 +103,8 @@ class DeliberationConfig:
             raise ValueError(f"veto_threshold must be >= 0 or null, got {self.veto_threshold}")
         if not 0.0 <= self.adoption_margin <= 1.0:
             raise ValueError(f"adoption_margin must be in [0, 1], got {self.adoption_margin}")
+        if self.lead_window < 0:
+            raise ValueError(f"lead_window must be >= 0, got {self.lead_window}")
         if not self.synchronous_timeout_s > 0:
             raise ValueError(f"synchronous_timeout_s must be > 0, got {self.synchronous_timeout_s}")
         check_norm_ratio(self.max_target_norm_ratio)
@@ -171,6 +177,7 @@ class SessionDeliberator:
         self._planned_for = -1                      # synchronous: the last position a plan was made for
         self._gave_up_at = -1                       # synchronous: the position whose plan it stopped waiting for
         self._closed = False
+        self._sync_until = len(tokens) + config.lead_window   # positions before it are planned synchronously
         self._notify = notify                       # called when a plan's result is filed (wakes the generator)
 
     @property
@@ -203,9 +210,10 @@ class SessionDeliberator:
             if self._request is not None:
                 self.planner_counters.skipped += 1
                 return
-            if self.config.synchronous and self._planned_for >= position:
+            synchronous = self.synchronous_at(position)
+            if synchronous and self._planned_for >= position:
                 return
-            lead = 0 if self.config.synchronous else (
+            lead = 0 if synchronous else (
                 self.config.lag if self.config.lag is not None else self.runtime.lead_estimator.lead(self.config.max_lead))
             # copies on the generator's stream, then an event the planner's stream waits for
             request = PlanRequest(self.generation_id, self.config, state_row.clone(), logits.detach().clone(),
@@ -221,10 +229,14 @@ class SessionDeliberator:
         except RuntimeError:   # the runtime has closed (the engine is stopping): no plan
             request.future.cancel()
 
+    def synchronous_at(self, position: int) -> bool:
+        """Whether the plan for `position` is waited for: always in synchronous mode, else within the lead
+        window (the first `lead_window` positions of the completion)."""
+        return self.config.synchronous or position < self._sync_until
+
     def waits_at(self, position: int) -> bool:
-        """Synchronous mode: the session must not choose token `position` before its plan is in (unless
-        it gave up waiting for it)."""
-        return (self.config.synchronous and self.busy and self._planned_for == position
+        """The session must not choose token `position` before its plan is in (unless it gave up waiting)."""
+        return (self.synchronous_at(position) and self.busy and self._planned_for == position
                 and self._gave_up_at != position and not self._closed)
 
     def _landed(self, future) -> None:

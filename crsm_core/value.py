@@ -37,6 +37,9 @@ class ValueHeadsConfig:
     hidden: int = 64
     veto_threshold: float | None = None   # calibrated spread threshold (None: not measured)
     veto_percentile: float | None = None  # the percentile of held-out spreads it is
+    # whether the heads rank sibling candidates better than the LM prior does on held-out branch points
+    # (stage 3); None: not measured. The search uses them only when True.
+    beats_prior: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "nheads", "headdim", "d_state", "hidden"):

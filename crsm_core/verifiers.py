@@ -10,6 +10,12 @@ it").
 
 - "arithmetic": the answer to the last `a+b=` / `a-b=` of the text, checked on the prefix: a node is
   1 while the digits written so far begin the right answer (and, at end-of-text, are all of it), else 0.
+  This checker knows the answer: it is the ceiling of what search can do on this family (checking a
+  sum is computing it), not a fair comparison.
+- "subset": the answer to the last `pick ... sum N:`: at end-of-text (or a newline) the exact checker,
+  1 or 0; before it, 0 for a prefix that cannot be right whatever follows (a term not among the numbers
+  or used twice, a sum past the target), else 0.5: the checker checks, it does not search for a
+  subset.
 """
 from __future__ import annotations
 
@@ -17,12 +23,14 @@ import re
 
 import torch
 
+from . import tasks
 from .planner.runtime import Verifier
 from .planner.search import ValueFn
 from .state import RecurrentState
 from .tokenizer import Tokenizer
 
 _LAST_PROBLEM = re.compile(r"(\d+)([+\-])(\d+)=([0-9\-]*)$")
+_LAST_SUBSET = re.compile(r"pick ([\d,]+) sum (\d+):([0-9+]*)$")
 
 
 def _answer_so_far(text: str) -> tuple[str, str] | None:
@@ -61,6 +69,40 @@ def arithmetic(tokenizer: Tokenizer) -> Verifier:
     return for_batch
 
 
+def subset(tokenizer: Tokenizer) -> Verifier:
+    """The checker of the subset family (exact at the end, consistency of the terms before it)."""
+    eos = tokenizer.eos_id
+
+    def for_batch(contexts: list[list[int]]) -> ValueFn:
+        roots = []
+        for c in contexts:
+            found = _LAST_SUBSET.search(tokenizer.decode(c))
+            roots.append(None if found is None else
+                         ([int(x) for x in found.group(1).split(",")], int(found.group(2)), found.group(3)))
+
+        def value(states: RecurrentState, root: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            out = []
+            for r, path in zip(root.tolist(), tokens.tolist()):
+                if roots[r] is None:
+                    out.append(0.5)
+                    continue
+                numbers, target, written = roots[r]
+                read = [t for t in path if t >= 0]
+                ended = eos in read
+                text = written + tokenizer.decode(read[:read.index(eos)] if ended else read)
+                if "\n" in text:
+                    text, ended = text.split("\n", 1)[0], True
+                if ended:
+                    out.append(1.0 if tasks.check_subset(numbers, target, text) else 0.0)
+                else:
+                    out.append(0.5 if tasks.subset_consistent(numbers, target, text) else 0.0)
+            return torch.tensor(out, dtype=torch.float32, device=states.ssm.device).unsqueeze(1)
+
+        return value
+
+    return for_batch
+
+
 def shipped(tokenizer: Tokenizer) -> dict[str, Verifier]:
     """The verifiers of the task families this project trains its models on."""
-    return {"arithmetic": arithmetic(tokenizer)}
+    return {"arithmetic": arithmetic(tokenizer), "subset": subset(tokenizer)}

@@ -22,7 +22,7 @@ from crsm_core.tokenizer import ByteTokenizer
 from crsm_core.training.config import load_config
 from crsm_core.training.rollout import generate
 from crsm_core.training.stage3_value import VETO_PERCENTILE, veto_calibration
-from crsm_core.training.tasks import heldout_prompts
+from crsm_core.tasks import heldout_prompts
 from crsm_core.value import ValueHeads
 
 log = logging.getLogger("calibrate_veto")

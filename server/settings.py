@@ -78,12 +78,14 @@ class DeliberationKnobs(BaseModel):
     """a confident plan's token replaces the sampled one when it is in time"""
     synchronous: bool | None = None
     """a plan for every position, which the session waits for: the output is reproducible"""
+    lead_window: int | None = Field(None, ge=0, le=MAX_LAG)
+    """the first this many completion positions are planned synchronously (time to think, counted in TTFT)"""
     verifier: str | None = Field(None, max_length=64)
     """score plans with this checker (one of the model's, e.g. arithmetic) instead of the value heads"""
 
     def apply_to(self, base: DeliberationConfig) -> DeliberationConfig:
         """`base` with the fields that are set (their bounds are within DeliberationConfig's)."""
-        changes = {name: value for name in ("lag", "injection_rate", "use_suggestions", "synchronous", "verifier")
+        changes = {name: value for name in ("lag", "injection_rate", "use_suggestions", "synchronous", "lead_window", "verifier")
                    if (value := getattr(self, name)) is not None}
         if self.simulations is not None:
             changes["planner"] = dataclasses.replace(base.planner, n_simulations=self.simulations)

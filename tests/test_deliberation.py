@@ -412,7 +412,7 @@ async def test_the_veto_threshold_is_the_heads_calibrated_one(backbone):
 
 def held_out(n: int) -> list[str]:
     from crsm_core.training.config import load_config
-    from crsm_core.training.tasks import heldout_prompts
+    from crsm_core.tasks import heldout_prompts
     cfg = load_config("configs/small.yaml")
     return heldout_prompts(cfg.tasks, n, cfg.seed)
 
@@ -449,7 +449,7 @@ async def test_on_the_bundled_model_a_value_without_information_changes_nothing(
 async def test_on_the_bundled_model_the_arithmetic_checker_fixes_greedy_errors():
     """With the arithmetic checker as value (the checker on the prefix), synchronous deliberation fixes
     greedy's errors whose right token is among the search's candidates, and breaks no right answer."""
-    from crsm_core.training.tasks import check
+    from crsm_core.tasks import check
     crsm = CRSMModel.from_pretrained(DEFAULT_MODEL_DIR)
     try:
         prompts = held_out(120)

@@ -19,7 +19,7 @@ from crsm_core.training.data import BatchSampler, heldout_text_windows, is_heldo
     load_corpus, stdlib_root
 from crsm_core.training.rollout import generate, replay
 from crsm_core.training.stage3_value import roc_auc
-from crsm_core.training.tasks import TaskSpec, answer, check, heldout_prompts, is_heldout, sample_prompts
+from crsm_core.tasks import TaskSpec, answer, check, heldout_prompts, is_heldout, sample_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -28,12 +28,30 @@ TINY = ROOT / "configs" / "tiny.yaml"
 # ---- tasks and data ------------------------------------------------------------------------------
 
 def test_checker_accepts_exactly_the_answer():
+    # subset sums: any right subset, each number at most once, no other text
+    prompt = "pick 3,8,5,11,23 sum 16:"
+    assert answer(prompt) == "5+11" and check(prompt, "11+5") and check(prompt, "3+5+8") and check(prompt, "5+11\nx")
+    assert not check(prompt, "8+8") and not check(prompt, "5+11+0") and not check(prompt, "05+11")
+    assert not check(prompt, "16") and not check(prompt, "5 + 11") and not check(prompt, "")
     assert answer("12+345=") == "357" and answer("345-12=") == "333"
     assert check("12+345=", "357") and check("12+345=", " 357\nmore text")
     assert not check("12+345=", "358") and not check("12+345=", "3570") and not check("12+345=", "")
     assert not check("12+345=", "357.0") and not check("12+345=", "+357")
     with pytest.raises(ValueError):
         answer("12*3=")
+
+
+def test_subset_prompts_have_an_answer_of_the_sizes_asked_and_prefixes_are_checked():
+    from crsm_core.tasks import subset_consistent, subset_problem
+    spec = TaskSpec(families=("subset",), subset_numbers=6, subset_max=40, subset_sizes=(2, 3))
+    for p in sample_prompts(np.random.default_rng(1), spec, 200, heldout=False):
+        numbers, target = subset_problem(p)
+        assert len(set(numbers)) == 6 and all(1 <= x <= 40 for x in numbers) and target not in numbers
+        assert check(p, answer(p)) and len(answer(p).split("+")) <= 3
+        assert subset_consistent(numbers, target, answer(p)[:2])   # a right answer's prefixes stay consistent
+    assert not subset_consistent([3, 8, 5], 16, "5+5") and not subset_consistent([3, 8, 5], 4, "5")
+    assert set(heldout_prompts(spec, 50, seed=0, family="subset")).isdisjoint(
+        sample_prompts(np.random.default_rng(0), spec, 3000, heldout=False))
 
 
 def test_task_split_is_disjoint_and_heldout_prompts_are_fixed():
@@ -188,11 +206,19 @@ def test_tiny_reports_fidelity_and_calibration(tiny_run):
         assert len(f["cosine"]) == len(f["rel_error"]) == n_layer
         assert all(-1 <= c <= 1 for c in f["cosine"]) and all(e >= 0 for e in f["rel_error"])
     assert report["stages"]["dynamics"]["final_loss"] < report["stages"]["dynamics"]["first_loss"]
-    cal = report["stages"]["value"]["calibration_heldout"]
-    assert 0 <= cal["brier_mean_head"] <= 1 and len(cal["brier_per_layer"]) == n_layer
-    assert cal["samples"] == 24 * 4
+    value = report["stages"]["value"]
+    q = value["quality_heldout"]
+    # every branch point of the held-out rollouts has branch_top_k candidates
+    assert q["candidates"] == q["branch_points"] * value["branch_top_k"] > 0
+    assert all(0 <= p["position"] < value["max_new_tokens"] for p in q["per_position"])
+    assert q["prior_auc"] is None or 0 <= q["prior_auc"] <= 1
+    assert value["heads_beat_the_prior"] == (q["heads_auc"] is not None and q["prior_auc"] is not None
+                                              and q["heads_auc"] > q["prior_auc"])
+    heads = json.loads((model_dir / "value_heads.json").read_text())
+    assert heads["beats_prior"] == value["heads_beat_the_prior"]
+    assert heads["veto_threshold"] == value["veto"]["threshold"] and heads["veto_percentile"] == 99.0
     md = (model_dir / "TRAINING_REPORT.md").read_text()
-    assert "| 8 |" in md and "Brier" in md
+    assert "| 8 |" in md and "Sibling-ranking AUC" in md and "Veto threshold" in md
 
 
 @pytest.mark.slow
@@ -243,14 +269,22 @@ def test_tiny_eval_writes_the_table(tiny_run, tmp_path):
     out, _ = tiny_run
     doc = tmp_path / "evaluation.md"
     assert crsm_main(["eval", "--config", str(TINY), "--out-dir", str(out), "--prompts", "12", "--out", str(doc)]) == 0
-    summary = json.loads(doc.with_suffix(".json").read_text())["summary"]
-    for mode in ("greedy", "async", "sync", "best_of_n"):
-        row = summary[mode]
-        assert row["prompts"] == 12 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
-        assert row["tokens_per_s"] > 0
-    assert summary["best_of_n"]["notes"]["n_basis"] == "equal compute" and summary["best_of_n"]["notes"]["n"] >= 1
+    families = json.loads(doc.with_suffix(".json").read_text())["summary"]
+    assert set(families) == {"arithmetic", "subset"}
+    for summary in families.values():
+        for mode in ("greedy", "async", "sync", "best_of_n", "oracle", "suggestions_only", "injection_only"):
+            row = summary[mode]
+            assert row["prompts"] == 12 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+            assert row["tokens_per_s"] > 0 and row["itl_p50_ms"] > 0
+            if mode != "greedy":
+                assert row["fixes"] - row["regressions"] == round(12 * (row["accuracy"] - summary["greedy"]["accuracy"]))
+        assert summary["best_of_n"]["notes"]["n_basis"] == "equal GPU time as (b)"
+        assert summary["best_of_n"]["notes"]["n"] >= 1
+        # a synchronous session waited for a plan at every position it produced a token at
+        assert summary["sync"]["notes"]["counters"]["waited"] >= 12
     text = doc.read_text()
-    assert "(c) synchronous MCTS" in text and "## Dynamics fidelity" in text and "## Value-head calibration" in text
+    assert "(c) synchronous deliberation" in text and "## Dynamics fidelity" in text
+    assert "## Value heads: quality at every answer position" in text and "Sibling-ranking AUC" in text
 
 
 def test_open_loop_loss_of_one_step_is_the_distillation_loss(random_model):

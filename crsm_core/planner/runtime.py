@@ -199,7 +199,14 @@ class LeadEstimator:
 
 def head_values(value_heads: ValueHeads) -> ValueFn:
     """The learned heads as the search's value function: per-layer probabilities; they read states only
-    (and so can be captured in a CUDA graph)."""
+    (and so can be captured in a CUDA graph). Heads not shown to rank candidates better than the model's
+    own prior (ValueHeadsConfig.beats_prior, stage 3) would only mislead the search: then every node gets
+    the same value, and the search keeps the model's choice (policy.final_slot)."""
+    if not value_heads.config.beats_prior:
+        def uninformative(states: RecurrentState, roots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            return states.ssm.new_full((states.batch, value_heads.config.n_layer), 0.5, dtype=torch.float32)
+        return uninformative
+
     def value(states: RecurrentState, roots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(value_heads(states))
     return value

@@ -16,7 +16,7 @@ import yaml
 
 from ..config import ConfigError, MambaConfig
 from ..deliberation import DeliberationConfig
-from .tasks import TaskSpec
+from ..tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,15 @@ class DynamicsTrainConfig:
 class ValueTrainConfig:
     train_prompts: int = 256
     heldout_prompts: int = 64
-    rollouts: int = 8                # Monte-Carlo rollouts per prompt
+    rollouts: int = 2                # sampled completions per prompt, whose answer positions are branched
     temperature: float = 1.0
     max_new_tokens: int = 8
+    branch_top_k: int = 4            # candidates per branch point (the planner's top_k)
+    branch_rollouts: int = 2         # completions per candidate: its Monte-Carlo return
+    branch_temperature: float = 1.0
     epochs: int = 4
-    batch_rollouts: int = 256        # rollouts replayed per optimiser step
-    rollout_chunk: int = 2048        # rows generated at once (bounds the memory of the states)
+    batch_rollouts: int = 256        # candidate states replayed per optimiser step
+    rollout_sessions: int = 256      # engine slots for the rollouts
     lr: float = 1e-3
     weight_decay: float = 0.0
     model: dict[str, Any] = field(default_factory=dict)
@@ -104,8 +107,10 @@ class ValueTrainConfig:
         _require(self.train_prompts > 0 and self.heldout_prompts > 0 and self.rollouts > 0,
                  "value.train_prompts, heldout_prompts and rollouts must be > 0")
         _require(self.temperature > 0 and self.max_new_tokens > 0, "value.temperature, max_new_tokens > 0")
-        _require(self.epochs > 0 and self.batch_rollouts > 0 and self.lr > 0 and self.rollout_chunk > 0,
-                 "value.epochs, batch_rollouts, rollout_chunk and lr must be > 0")
+        _require(self.epochs > 0 and self.batch_rollouts > 0 and self.lr > 0 and self.rollout_sessions > 0,
+                 "value.epochs, batch_rollouts, rollout_sessions and lr must be > 0")
+        _require(self.branch_top_k > 0 and self.branch_rollouts > 0 and self.branch_temperature > 0,
+                 "value.branch_top_k, branch_rollouts and branch_temperature must be > 0")
 
 
 @dataclass(frozen=True)
@@ -123,13 +128,15 @@ class AssembleConfig:
 class EvalConfig:
     prompts: int = 200
     max_new_tokens: int = 8
-    best_of_n: int = 0               # 0 = from the measured planner compute
-    temperature: float = 1.0         # for best-of-N samples
+    best_of_n: int = 0               # 0 = the GPU time of (b), in runs of (a)
+    oracle_k: int = 8                # samples of the oracle ceiling, pass@k
+    temperature: float = 1.0         # for best-of-N and oracle samples
+    lead_window: int = 2             # (b): answer tokens planned synchronously before the rest streams
     out: str = "docs/evaluation.md"
 
     def __post_init__(self) -> None:
-        _require(self.prompts > 0 and self.max_new_tokens > 0 and self.best_of_n >= 0,
-                 "eval.prompts, max_new_tokens > 0; best_of_n >= 0")
+        _require(self.prompts > 0 and self.max_new_tokens > 0 and self.best_of_n >= 0 and self.oracle_k > 0
+                 and self.lead_window >= 0, "eval.prompts, max_new_tokens, oracle_k > 0; best_of_n, lead_window >= 0")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 
 from ..tokenizer import ByteTokenizer
 from .config import DataConfig
-from .tasks import TaskSpec, answer, sample_prompts
+from ..tasks import TaskSpec, answer, sample_prompts
 
 log = logging.getLogger(__name__)
 

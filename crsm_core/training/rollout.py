@@ -17,7 +17,7 @@ import torch
 
 from ..backbone import MambaLM
 from ..state import RecurrentState
-from .tasks import check
+from ..tasks import check
 
 # (state after the step, rows [R] long) -> None
 StateHook = Callable[[RecurrentState, torch.Tensor], None]

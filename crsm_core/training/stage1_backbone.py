@@ -27,7 +27,7 @@ from .common import (REPORTS, StepBudget, autocast, cast_matrices, cosine_lr, de
 from .config import TrainConfig
 from .data import BatchSampler, heldout_task_rows, heldout_text_windows, load_corpus
 from .rollout import generate, successes
-from .tasks import heldout_prompts
+from ..tasks import heldout_prompts
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,11 @@ def train_backbone(cfg: TrainConfig, stop_after: int | None = None) -> dict[str,
     history["heldout"].append(_heldout_point(model, step, text_rows, task_rows, device, t.batch_size))
     out = exported_backbone(cfg)
     save_pretrained(cast_matrices(model, cfg.assemble.dtype), out, ByteTokenizer())
-    prompts = heldout_prompts(cfg.tasks, min(cfg.eval.prompts, 200), cfg.seed)
-    accuracy = greedy_task_accuracy(model, prompts, cfg.eval.max_new_tokens)
+    by_family = {}
+    for family in cfg.tasks.families:
+        prompts = heldout_prompts(cfg.tasks, min(cfg.eval.prompts, 200), cfg.seed, family)
+        by_family[family] = greedy_task_accuracy(model, prompts, cfg.eval.max_new_tokens)
+    accuracy = by_family[cfg.tasks.families[0]]
     train_tail = [loss for _, loss in history["train"][-max(1, len(history["train"]) // 20):]]
     report = {
         "device": device_description(device),
@@ -187,12 +190,13 @@ def train_backbone(cfg: TrainConfig, stop_after: int | None = None) -> dict[str,
         "final_heldout_text_loss": history["heldout"][-1]["text_loss"],
         "final_heldout_bits_per_byte": history["heldout"][-1]["text_bits_per_byte"],
         "heldout_task_greedy_accuracy": accuracy,
+        "heldout_greedy_accuracy_by_family": by_family,
         "heldout_task_prompts": len(prompts),
         "corpus": corpus.describe(),
     }
     write_report(cfg.out_path, STAGE, report)
-    log.info("stage 1 done: held-out loss %.4f -> %.4f, greedy task accuracy %.3f",
-             report["initial_heldout_text_loss"], report["final_heldout_text_loss"], accuracy)
+    log.info("stage 1 done: held-out loss %.4f -> %.4f, greedy task accuracy %s",
+             report["initial_heldout_text_loss"], report["final_heldout_text_loss"], by_family)
     return report
 
 

@@ -33,7 +33,7 @@ from .config import TrainConfig, deliberation_config
 from .rollout import generate
 from .stage1_backbone import exported_backbone
 from .stage2_dynamics import dynamics_dir
-from .stage3_value import value_dir
+from .stage3_value import value_dir, value_section
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Train loss {b['first_train_loss']:.3f} -> {b['final_train_loss']:.3f} nats/token; held-out text loss "
         f"{b['initial_heldout_text_loss']:.3f} -> {b['final_heldout_text_loss']:.3f} "
         f"({b['final_heldout_bits_per_byte']:.3f} bits/byte).",
-        f"- Greedy accuracy on {b['heldout_task_prompts']} held-out arithmetic prompts: "
-        f"{b['heldout_task_greedy_accuracy']:.3f}.",
+        f"- Greedy accuracy on {b['heldout_task_prompts']} held-out prompts of each family: " + ", ".join(
+            f"{family} {acc:.3f}" for family, acc in b.get("heldout_greedy_accuracy_by_family",
+                                                          {"arithmetic": b["heldout_task_greedy_accuracy"]}).items()) + ".",
         f"- Corpus: Python {b['corpus']['python']} standard library, {b['corpus']['train_files']} train files "
         f"({b['corpus']['train_tokens']:,} tokens), {b['corpus']['heldout_files']} held-out files "
         f"({b['corpus']['heldout_tokens']:,} tokens).",
@@ -137,23 +138,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     for f, p in zip(d["fidelity"], d["fidelity_persistence"]):
         lines.append(f"| {f['lag']} | {f['mean_cosine']:.4f} | {f['mean_rel_error']:.4f} | {f['top1_agreement']:.3f} "
                      f"| {p['mean_cosine']:.4f} | {p['mean_rel_error']:.4f} |")
-    c = v["calibration_heldout"]
     lines += [
         "",
         "\"Persistence\" predicts that the state does not change: the cosine the state's slow decay gives for free.",
         "",
-        "## Stage 3: value heads (calibration on held-out prompts, state at the end of the prompt)",
+        "## Stage 3: value heads, trained on the candidates a search values",
         "",
-        f"Device {v['device']}, commit `{v['commit']}`; {v['train_prompts']} train prompts x "
-        f"{v['rollouts_per_prompt']} rollouts "
-        f"(temperature {v['temperature']}), train success rate {v['train_success_rate']:.3f}.",
-        "",
-        "| samples | success rate | Brier (mean head) | Brier (base rate) | AUC (mean head) |",
-        "| --- | --- | --- | --- | --- |",
-        f"| {c['samples']} | {c['success_rate']:.3f} | {c['brier_mean_head']:.4f} | {c['brier_base_rate']:.4f} "
-        f"| {_fmt(c['auc_mean_head'])} |",
-        "",
-        "Per layer, AUC: " + ", ".join(_fmt(a, 3) for a in c["auc_per_layer"]) + ".",
+        *value_section(v),
         "",
         "## Samples (temperature 0.8)",
         "",
