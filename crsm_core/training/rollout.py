@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,34 +29,40 @@ class Rollouts:
     ended: list[bool]             # True: the row emitted end-of-text; False: it hit max_new_tokens
 
 
-def generate(model: MambaLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+def generate(model: MambaLM, prompts: list[list[int]], max_new_tokens: int | Sequence[int], temperature: float,
              eos_id: int, seed: int = 0, max_sessions: int = 64) -> Rollouts:
-    """Complete every prompt (temperature 0 = greedy) through an Engine of `max_sessions` slots."""
+    """Complete every prompt (temperature 0 = greedy) through an Engine of `max_sessions` slots, each in at
+    most max_new_tokens tokens (one budget for all, or one per prompt)."""
     from ..engine import Engine, EngineConfig, GenerationRequest
     from ..sampling import SamplingParams
     from ..tokenizer import ByteTokenizer
 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts) or any(b < 0 for b in budgets):
+        raise ValueError("one non-negative token budget per prompt")
     tokenizer = ByteTokenizer()
     if tokenizer.eos_id != eos_id:
         raise ValueError(f"rollouts use the byte tokenizer, whose end-of-text is {tokenizer.eos_id}, not {eos_id}")
 
     async def run() -> list[list[int]]:
-        engine = Engine(model, tokenizer, EngineConfig(max_sessions=max(1, min(max_sessions, len(prompts))),
-                                                       queue_size=len(prompts), max_prompt_tokens=1 << 20,
-                                                       max_new_tokens=max(1, max_new_tokens), planner_mode="stream"))
+        todo = [i for i, b in enumerate(budgets) if b > 0]
+        engine = Engine(model, tokenizer, EngineConfig(max_sessions=max(1, min(max_sessions, len(todo))),
+                                                       queue_size=max(1, len(todo)), max_prompt_tokens=1 << 20,
+                                                       max_new_tokens=max([1, *budgets]), planner_mode="stream"))
         engine.start()
         try:
             sessions = engine.submit_all([
-                GenerationRequest(tuple(p), max_new_tokens, SamplingParams(temperature=temperature,
-                                                                            seed=seed * 1_000_003 + i))
-                for i, p in enumerate(prompts)])
-            return [(await s.collect()).token_ids for s in sessions]
+                GenerationRequest(tuple(prompts[i]), budgets[i], SamplingParams(temperature=temperature,
+                                                                                 seed=seed * 1_000_003 + i))
+                for i in todo])
+            done = {i: (await s.collect()).token_ids for i, s in zip(todo, sessions)}
+            return [done.get(i, []) for i in range(len(prompts))]
         finally:
             await engine.shutdown()
 
-    outputs = asyncio.run(run()) if max_new_tokens > 0 else [[] for _ in prompts]
+    outputs = asyncio.run(run())
     ended = [bool(o) and o[-1] == eos_id for o in outputs]
     return Rollouts([o[:-1] if e else o for o, e in zip(outputs, ended)], ended)
 

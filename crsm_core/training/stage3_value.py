@@ -139,15 +139,12 @@ def branches(model, prompts: list[str], cfg: TrainConfig, seed: int) -> tuple[Br
         else:
             first_of.setdefault(tuple(seq), n)
     todo = list(first_of.values())
-    left = [max(1, v.max_new_tokens - len(prefix_of[n])) for n in todo]
+    rows = [n for n in todo for _ in range(v.branch_rollouts)]
+    out = generate(model, [sequences[n] for n in rows], [max(1, v.max_new_tokens - len(prefix_of[n])) for n in rows],
+                   v.branch_temperature, tok.eos_id, seed=seed + 7, max_sessions=v.rollout_sessions)
     completions: dict[int, list[list[int]]] = defaultdict(list)
-    for budget in sorted(set(left)):
-        rows = [n for n, b in zip(todo, left) if b == budget]
-        repeated_rows = [n for n in rows for _ in range(v.branch_rollouts)]
-        out = generate(model, [sequences[n] for n in repeated_rows], budget, v.branch_temperature, tok.eos_id,
-                       seed=seed + 7 + budget, max_sessions=v.rollout_sessions)
-        for n, c in zip(repeated_rows, out.completions):
-            completions[n].append(c)
+    for n, c in zip(rows, out.completions):
+        completions[n].append(c)
     value_of = {tuple(sequences[n]): float(np.mean([check(owner[n], tok.decode(prefix_of[n] + c))
                                                      for c in completions[n]])) for n in todo}
     for n, seq in enumerate(sequences):
