@@ -51,7 +51,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     modes = tuple(args.modes) if args.modes else None
-    result = evaluate(cfg, model_dir=args.model, modes=modes, prompts=args.prompts, out=args.out)
+    result = evaluate(cfg, model_dir=args.model, modes=modes, prompts=args.prompts, out=args.out,
+                      families=tuple(args.families) if args.families else None)
     print(json.dumps(result["summary"], indent=2))
     return 0
 
@@ -74,7 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the config's assembled one)")
     p.add_argument("--modes", nargs="+", default=None,
-                   help="subset of: greedy async sync best_of_n (default: all available)")
+                   help="subset of: greedy async sync best_of_n oracle suggestions_only injection_only (default: all)")
+    p.add_argument("--families", nargs="+", default=None,
+                   help="task families to evaluate (default: the config's; a model trained on fewer: name them)")
     p.add_argument("--prompts", type=int, default=None, help="override eval.prompts")
     p.add_argument("--out", type=Path, default=None, help="markdown output (default: the config's eval.out)")
     p.set_defaults(func=_eval)

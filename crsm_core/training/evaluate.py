@@ -179,7 +179,8 @@ def deliberation_for(mode: str, family: str, base: DeliberationConfig, lead_wind
 # ---- the whole evaluation --------------------------------------------------------------------------
 
 def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, ...] | None = None,
-             prompts: int | None = None, out: Path | None = None) -> dict[str, Any]:
+             prompts: int | None = None, out: Path | None = None,
+             families: tuple[str, ...] | None = None) -> dict[str, Any]:
     model_dir = Path(model_dir or cfg.model_dir)
     modes = tuple(modes or MODES)
     unknown = sorted(set(modes) - set(MODES))
@@ -191,7 +192,7 @@ def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, 
     base = crsm.config
     families: dict[str, dict[str, Any]] = {}
     try:
-        for family in cfg.tasks.families:
+        for family in families or cfg.tasks.families:
             prompt_list = heldout_prompts(cfg.tasks, prompts or e.prompts, cfg.seed, family)
             results: dict[str, ModeResult] = {}
             for mode in modes:
