@@ -382,7 +382,7 @@ async def test_a_parked_session_does_not_hold_the_others_and_its_wait_is_bounded
 
 async def test_the_veto_threshold_is_the_heads_calibrated_one(backbone):
     heads = ValueHeads(dataclasses.replace(ValueHeadsConfig.for_model(backbone.config, hidden=8),
-                                           veto_threshold=0.0)).eval()
+                                           veto_threshold=0.0, beats_prior=True)).eval()
     strict = CRSMModel(backbone, tokenizer=TOKENIZER, value_heads=heads, config=DeliberationConfig(planner=SMALL))
     assert strict.veto_threshold == 0.0
     engine = await engine_for(strict)

@@ -17,7 +17,6 @@ import threading
 import httpx
 import pytest
 import torch
-import torch.nn as nn
 
 from crsm_core.state import RecurrentState
 from harness import (InProcessServer, ServeProcess, aparse_sse, gauges, metrics, settings_for, stream_generate,
@@ -28,37 +27,42 @@ from server.settings import ServerSettings
 
 # ---- a planner that raises mid-search -----------------------------------------------------------------
 
-class RaisingValueHeads(nn.Module):
-    """The ValueHeads interface (state -> [B, L]) around real heads. After the first `fail_after` calls,
-    the next `failures` calls raise; later calls work again."""
+class RaisingVerifier:
+    """A verifier (a plan's value function) that raises in the middle of the search of its plan number
+    `fail_at` (its value function's second call: the first expansion round, after the roots), once."""
 
-    def __init__(self, inner: nn.Module, fail_after: int, failures: int = 1):
-        super().__init__()
-        self.inner, self.fail_after, self.failures = inner, fail_after, failures
-        self.config = inner.config
-        self.calls = self.raised = 0
-        self._lock = threading.Lock()  # planner threads call it
+    def __init__(self, fail_at: int = 1):
+        self.fail_at, self.plans, self.calls, self.raised = fail_at, 0, 0, 0
+        self._lock = threading.Lock()  # the planner's thread calls it
 
-    def forward(self, state: RecurrentState) -> torch.Tensor:
+    def __call__(self, contexts):
         with self._lock:
-            self.calls += 1
-            call = self.calls
-            fail = call > self.fail_after and self.raised < self.failures
-            self.raised += fail
-        if fail:
-            raise RuntimeError(f"value heads failed on purpose at call {call}")
-        return self.inner(state)
+            self.plans += 1
+            plan = self.plans
+        evaluations = 0
+
+        def value(states: RecurrentState, roots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            nonlocal evaluations
+            evaluations += 1
+            with self._lock:
+                self.calls += 1
+                fail = plan == self.fail_at and evaluations == 2 and not self.raised
+                self.raised += fail
+            if fail:
+                raise RuntimeError(f"the verifier failed on purpose in plan {plan}")
+            return torch.full((states.batch, 1), 0.5)
+        return value
 
 
 def test_a_planner_failing_mid_search_leaves_its_generation_complete(model_dir, figures):
-    installed: list[RaisingValueHeads] = []
+    installed: list[RaisingVerifier] = []
 
     def loader(settings: ServerSettings):
         model = load_model(settings)
         # A search evaluates its roots (call 1), then each round's new leaves: call 2 is the first plan's
         # first expansion round, in the middle of its search.
-        model.value_heads = RaisingValueHeads(model.value_heads, fail_after=1)
-        installed.append(model.value_heads)
+        model.verifiers["flaky"] = verifier = RaisingVerifier()
+        installed.append(verifier)
         return model
 
     server = InProcessServer(settings_for(model_dir), loader).start()
@@ -67,7 +71,8 @@ def test_a_planner_failing_mid_search_leaves_its_generation_complete(model_dir, 
         prompt, max_tokens = "plan ahead, then fail", 64
         events = stream_generate(server.url, {"prompt": prompt, "max_tokens": max_tokens, "seed": 5,
                                               "ignore_eos": True,
-                                              "deliberation": {"enabled": True, "simulations": 4}})
+                                              "deliberation": {"enabled": True, "simulations": 4,
+                                                               "verifier": "flaky"}})
         [heads] = installed
         assert heads.raised == 1 and heads.calls > 2, "the fault did not fire as planned"
 
@@ -89,7 +94,7 @@ def test_a_planner_failing_mid_search_leaves_its_generation_complete(model_dir, 
         after = metrics(server.url)
         errors = ("crsm_planner_errors_total", ())
         assert after[errors] - before[errors] == 1
-        figures.record("planner_fault", value_head_calls=heads.calls, plans_launched=counters["launched"],
+        figures.record("planner_fault", verifier_calls=heads.calls, plans_launched=counters["launched"],
                        plans_failed=counters["failed"], plans_produced=counters["produced"],
                        injections=len(injections))
     finally:
