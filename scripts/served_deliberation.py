@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/evaluation.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     deliberation = json.loads(args.deliberation)
     prompts = heldout_prompts(TaskSpec(max_digits=5), args.prompts, seed=0)
     port = free_port()

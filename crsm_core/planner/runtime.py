@@ -271,7 +271,12 @@ class PlannerRuntime:
         return CapturedSearch.rows_per_root(planner) * self.row_bytes
 
     def roots_that_fit(self, planner: PlannerConfig) -> int:
-        return max(0, min(self.max_roots, self.memory_budget_bytes // self.plan_bytes(planner)))
+        """The most roots a search of these settings may take. On a GPU every bucket of roots up to it
+        (1, 2, 4, ...) is captured with buffers of its own, about twice the largest in all."""
+        per_root = self.plan_bytes(planner)
+        if self.device.type == "cuda":
+            return max(0, min(self.max_roots, (self.memory_budget_bytes // per_root + 1) // 2))
+        return max(0, min(self.max_roots, self.memory_budget_bytes // per_root))
 
     def check(self, config: "DeliberationConfig") -> None:
         """Raise ValueError (naming the setting) for a config this runtime cannot plan for."""
