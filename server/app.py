@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from . import generate_api, openai_api
+from . import generate_api, openai_api, status
 from .errors import install_error_handlers
 from .metrics import RequestMetricsMiddleware
 from .runtime import Loader, Runtime, load_model
@@ -20,7 +20,7 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runtime.start_loading()
+        runtime.start()
         yield
         await runtime.begin_shutdown()
 
@@ -49,4 +49,5 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
 
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
+    app.include_router(status.router)
     return app

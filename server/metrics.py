@@ -2,11 +2,19 @@
 
 Token, latency and injection metrics are recorded when a session ends (from the generator thread;
 prometheus-client is thread-safe); request counts and request latency by an ASGI middleware.
+
+`StatusHistory` keeps the last minute of the same counts, sampled once a second, as rates for
+`GET /v1/status`. A second in which no plan was resolved has no landing ratio and no lag (None), rather
+than a made-up 0. Tokens are counted when their session ends, as `crsm_generated_tokens` is, so the rate
+is what `rate(crsm_generated_tokens_total[1m])` shows.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,6 +33,17 @@ ACCEPTED = (InjectionOutcome.APPLIED, InjectionOutcome.APPLIED_LATE)
 GENERATION_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/generate"})
 # The status recorded for a request whose client left before any response was sent.
 CLIENT_CLOSED = 499
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The live gauges and the counts since start, at one moment (`StatusHistory` turns them into rates)."""
+    running: int
+    waiting: int
+    generated_tokens: int   # of finished sessions, as crsm_generated_tokens
+    resolved: int           # planner results resolved, whatever the outcome
+    landed: int             # of them applied, on time or late
+    lag_tokens: int         # summed over the resolved results: positions from snapshot to resolution
 
 
 class ServerMetrics:
@@ -69,10 +88,12 @@ class ServerMetrics:
             self.effects.labels(effect.value)
         self.acceptance.set(0)
         self._lock = threading.Lock()
-        self._resolved = self._accepted = 0
+        self._resolved = self._accepted = self._generated = self._lag_tokens = 0
+        self._engine: Engine | None = None
 
     def bind(self, engine: Engine) -> None:
         """Read the live gauges from the engine at scrape time."""
+        self._engine = engine
         self.running.set_function(lambda: engine.num_active)
         self.waiting.set_function(lambda: engine.num_waiting)
         self.planner_tasks.set_function(lambda: engine.num_planners)
@@ -82,11 +103,13 @@ class ServerMetrics:
         self.injections.labels(event.outcome.value).inc()
         if event.effect is not None:
             self.effects.labels(event.effect.value).inc()
+        lag = event.position - event.captured_position
         with self._lock:
             self._resolved += 1
             self._accepted += event.outcome in ACCEPTED
+            self._lag_tokens += lag
             self.acceptance.set(self._accepted / self._resolved)
-        self.planner_lag_tokens.observe(event.position - event.captured_position)
+        self.planner_lag_tokens.observe(lag)
         self.planner_lag_seconds.observe(event.latency_s)
 
     def planner_error(self) -> None:
@@ -96,6 +119,8 @@ class ServerMetrics:
     def session_ended(self, session: Session) -> None:
         self.prompt_tokens.inc(session.prompt_tokens)
         self.generated_tokens.inc(len(session.tokens))
+        with self._lock:
+            self._generated += len(session.tokens)
         ttft = session.timings().ttft_s
         if ttft is not None:
             self.ttft.observe(ttft)
@@ -106,8 +131,65 @@ class ServerMetrics:
             self.planner_errors.inc(counters["failed"])
             self.planner_simulations.inc(counters["simulations"])
 
+    def totals(self) -> Totals:
+        engine = self._engine
+        with self._lock:
+            return Totals(running=0 if engine is None else engine.num_active,
+                          waiting=0 if engine is None else engine.num_waiting,
+                          generated_tokens=self._generated, resolved=self._resolved, landed=self._accepted,
+                          lag_tokens=self._lag_tokens)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+WINDOW_S = 60
+INTERVAL_S = 1.0
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+class StatusHistory:
+    """Samples (monotonic time, totals), the newest `window_s / interval_s + 1` of them."""
+
+    def __init__(self, window_s: float = WINDOW_S, interval_s: float = INTERVAL_S):
+        self.window_s, self.interval_s = window_s, interval_s
+        self._samples: deque[tuple[float, Totals]] = deque(maxlen=round(window_s / interval_s) + 1)
+
+    def record(self, now: float, totals: Totals) -> None:
+        self._samples.append((now, totals))
+
+    async def sample_forever(self, metrics: ServerMetrics) -> None:
+        while True:
+            self.record(time.monotonic(), metrics.totals())
+            await asyncio.sleep(self.interval_s)
+
+    def report(self, now: Totals) -> dict:
+        """The current gauges, one point per sampled interval (oldest first; `age_s`: seconds before the
+        newest sample), and the same rates over the whole window."""
+        samples = list(self._samples)
+        points = []
+        for (t0, a), (t1, b) in zip(samples, samples[1:]):
+            points.append(_rates(t1 - t0, a, b) | {"age_s": round(samples[-1][0] - t1, 3),
+                                                    "running": b.running, "waiting": b.waiting})
+        window = _rates(samples[-1][0] - samples[0][0], samples[0][1], samples[-1][1]) if len(samples) > 1 else None
+        return {"interval_s": self.interval_s, "window_s": self.window_s,
+                "now": {"running": now.running, "waiting": now.waiting},
+                "totals": {"generated_tokens": now.generated_tokens, "resolved_plans": now.resolved,
+                           "landed_plans": now.landed},
+                "window": window,
+                "series": points}
+
+
+def _rates(seconds: float, a: Totals, b: Totals) -> dict:
+    resolved = b.resolved - a.resolved
+    return {"seconds": round(seconds, 3),
+            "tokens_per_s": _ratio(b.generated_tokens - a.generated_tokens, seconds),
+            "resolved_plans": resolved,
+            "landing_ratio": _ratio(b.landed - a.landed, resolved),
+            "planner_lag_tokens": _ratio(b.lag_tokens - a.lag_tokens, resolved)}
 
 
 class RequestMetricsMiddleware:

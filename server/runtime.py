@@ -15,7 +15,7 @@ from crsm_core.model import CRSMModel
 from crsm_core.tokenizer import Tokenizer
 
 from .errors import APIError, from_engine, not_ready
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, StatusHistory
 from .settings import RequestDefaults, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Runtime:
     def __init__(self, settings: ServerSettings, loader: Loader):
         self.settings = settings
         self.metrics = ServerMetrics()
+        self.status = StatusHistory()
         self.created = int(time.time())
         self.engine: Engine | None = None
         self.model: CRSMModel | None = None
@@ -43,6 +44,7 @@ class Runtime:
         self.load_error: str | None = None
         self._loader = loader
         self._load_task: asyncio.Task | None = None
+        self._status_task: asyncio.Task | None = None
         self._shutdown: asyncio.Task | None = None
 
     @property
@@ -72,8 +74,10 @@ class Runtime:
         self._defaults = RequestDefaults.of(s, self.model.config)
         return Engine.for_model(self.model, s.engine, listener=self.metrics)
 
-    def start_loading(self) -> None:
+    def start(self) -> None:
+        """On the event loop, at startup: load the model (in a thread) and sample the status every second."""
         self._load_task = asyncio.create_task(self.load())
+        self._status_task = asyncio.create_task(self.status.sample_forever(self.metrics))
 
     def begin_shutdown(self) -> asyncio.Task:
         """Drain (up to shutdown_drain_s) and stop the engine; every open stream gets its final event.
@@ -83,6 +87,8 @@ class Runtime:
         return self._shutdown
 
     async def _stop(self) -> None:
+        if self._status_task is not None:
+            self._status_task.cancel()
         if self._load_task is not None:
             await self._load_task
         if self.engine is not None:
