@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from . import generate_api, openai_api, status
+from . import generate_api, openai_api, status, ui
 from .errors import install_error_handlers
 from .metrics import RequestMetricsMiddleware
 from .runtime import Loader, Runtime, load_model
@@ -50,4 +50,6 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
     app.include_router(status.router)
+    if settings.ui:
+        ui.mount(app)
     return app

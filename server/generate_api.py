@@ -2,7 +2,8 @@
 
 Without `stream`: one JSON answer (GenerateResponse). With `stream`: Server-Sent Events
   event: token      data: {"text", "token_id", "position"}   one per generated token, in order
-  event: injection  data: {"position", "target_position", "outcome", "alpha", "lateness", "reason"}
+  event: injection  data: {"position", "target_position", "outcome", "alpha", "lateness", "action",
+                           "action_text", "reason", ...}
   event: done       data: {"finish_reason", "usage", "timings", "deliberation"}   last
   event: error      data: {"error": {"message", "type", "param", "code"}}         last, instead of done
 Concatenating the token texts gives the answer's text; `done.usage.completion_tokens` equals the number
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Request
 
 from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, Session, TokenEvent
 from crsm_core.injection import InjectionEvent
+from crsm_core.tokenizer import Tokenizer
 
 from .errors import APIError, error_body
 from .runtime import runtime_of
@@ -36,8 +38,9 @@ def done_payload(done: DoneEvent) -> dict:
             "timings": dataclasses.asdict(done.timings), "deliberation": done.deliberation}
 
 
-def injection_payload(event: InjectionEvent) -> dict:
-    return event.to_dict()
+def injection_payload(event: InjectionEvent, tokenizer: Tokenizer) -> dict:
+    """The event's fields, and the planned token's text (`action_text`), for people reading the stream."""
+    return {**event.to_dict(), "action_text": tokenizer.decode([event.action])}
 
 
 def error_payload(event: ErrorEvent) -> dict:
@@ -60,7 +63,7 @@ async def generate(body: GenerateRequest, request: Request):
     param_names = {"prompt": "token_ids"} if body.token_ids is not None else {"token_ids": "prompt"}
     [session] = runtime.submit([gen], param_names)
     if body.stream:
-        return sse_response(_events(session))
+        return sse_response(_events(session, tokenizer))
     try:
         completion: Completion = await unless_disconnected(request, session.collect(), [session])
     except GenerationFailed as e:
@@ -69,11 +72,11 @@ async def generate(body: GenerateRequest, request: Request):
         id=f"gen-{session.id}", model=runtime.model_name, text=completion.text, token_ids=completion.token_ids,
         finish_reason=completion.done.finish_reason, usage=usage_of(completion.done),
         timings=Timings(**dataclasses.asdict(completion.done.timings)),
-        injections=[injection_payload(e) for e in completion.injections],
+        injections=[injection_payload(e, tokenizer) for e in completion.injections],
         deliberation=completion.done.deliberation)
 
 
-async def _events(session: Session) -> AsyncIterator[str]:
+async def _events(session: Session, tokenizer: Tokenizer) -> AsyncIterator[str]:
     try:
         async for event in session.stream():
             if isinstance(event, TokenEvent):
@@ -83,6 +86,6 @@ async def _events(session: Session) -> AsyncIterator[str]:
             elif isinstance(event, ErrorEvent):
                 yield sse(error_payload(event), "error")
             else:
-                yield sse(injection_payload(event), "injection")
+                yield sse(injection_payload(event, tokenizer), "injection")
     finally:
         session.cancel()  # the client left (or the stream ended: then a no-op)

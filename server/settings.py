@@ -119,6 +119,8 @@ class ServerSettings(BaseModel):
     """seconds running sessions get to finish on shutdown"""
     torch_threads: int | None = Field(None, ge=1)
     """CPU threads for model work (default: torch's)"""
+    ui: bool = True
+    """serve the deliberation viewer at /ui/ and redirect / to it (server/ui.py)"""
     engine: Annotated[EngineConfig, Group()] = EngineConfig()
     deliberation: Annotated[DeliberationDefaults, Group("deliberation_")] = DeliberationDefaults()
 
