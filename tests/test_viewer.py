@@ -1,0 +1,247 @@
+"""The deliberation viewer (/ui/) and the status endpoint it polls (/v1/status).
+
+The browser test drives the page in a headless Chromium (Debian's, through Selenium) against a real
+`crsm serve` on a tiny random model whose deliberation lands: synchronous plans at lag 1 with the veto
+off (its untrained value heads always disagree), so every plan is on time. It reads the same requests'
+SSE streams itself and checks the page against them: the tokens and their positions, a marker of each
+plan's outcome on the token of its position, the detail of a plan, the request's counters, and compare
+mode's second text and where the two texts part.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from crsm_core.backbone import MambaLM
+from crsm_core.config import tiny_config
+from crsm_core.deliberation import DELIBERATION_FILE
+from crsm_core.model import CRSMModel
+from crsm_core.tokenizer import ByteTokenizer
+from scripts.viewer import chromium_paths, crsm_serve, fill, headless_chromium, run_prompt
+from server.metrics import StatusHistory, Totals
+from test_server import LiveServer, settings_for, wait_for
+
+LANDING = {"synchronous": True, "lag": 1, "veto_threshold": 1e9}
+PROMPT = "plans land"
+FORM = {"max_tokens": 20, "temperature": 0.0, "seed": 11, "ignore_eos": True, "lag": 1, "simulations": 4,
+        "injection_rate": 0.6, "use_suggestions": True}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("viewer-model")
+    torch.manual_seed(0)
+    model = CRSMModel(MambaLM(tiny_config()), tokenizer=ByteTokenizer())
+    model.save_pretrained(directory)
+    model.close()
+    (directory / DELIBERATION_FILE).write_text(json.dumps(LANDING))
+    return directory
+
+
+def request_body(deliberation: bool) -> dict:
+    """What the page sends for PROMPT and FORM (its form's fields, as app.js's requestBody reads them)."""
+    body = {"prompt": PROMPT, "stream": True, "max_tokens": FORM["max_tokens"], "temperature": FORM["temperature"],
+            "top_p": 1.0, "top_k": 0, "seed": FORM["seed"], "ignore_eos": True}
+    body["deliberation"] = ({"enabled": True, "lag": FORM["lag"], "simulations": FORM["simulations"],
+                             "injection_rate": FORM["injection_rate"], "use_suggestions": True} if deliberation else {"enabled": False})
+    return body
+
+
+def sse(url: str, body: dict) -> list[tuple[str, dict]]:
+    events, name = [], None
+    with httpx.stream("POST", url + "/v1/generate", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line[5:])))
+    return events
+
+
+def page_tokens(driver, run: str) -> list[tuple[int, int, str]]:
+    """(position, token id, shown text) of a run's generated tokens, in order."""
+    return [tuple(t) for t in driver.execute_script("""
+        return [...document.querySelectorAll(`#${arguments[0]} .text > .tok`)].map(
+          (t) => [Number(t.dataset.position), Number(t.dataset.tokenId), t.textContent]);""", run)]
+
+
+def shown(text: str) -> str:
+    return text.replace("\n", "↵")  # a newline is drawn as a mark (the break follows the token)
+
+
+# ---- the page in a browser -------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
+    pytest.importorskip("selenium", reason="the dev extras install selenium")
+    if chromium_paths() is None:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with crsm_serve(model_dir, "--model-name", "tiny") as url, headless_chromium() as driver:
+        expected = sse(url, request_body(deliberation=True))
+        baseline = sse(url, request_body(deliberation=False))
+        tokens = [d for e, d in expected if e == "token"]
+        injections = [d for e, d in expected if e == "injection"]
+        done = expected[-1][1]
+        assert expected[-1][0] == "done" and len(tokens) == FORM["max_tokens"]
+        assert any(i["outcome"] == "applied" for i in injections), "deliberation must land for this test"
+
+        driver.get(url + "/ui/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
+        fill(driver, FORM)
+        run_prompt(driver, PROMPT, compare=True)
+
+        # the tokens, with their positions, as streamed
+        assert page_tokens(driver, "run-main") == [(t["position"], t["token_id"], shown(t["text"])) for t in tokens]
+
+        # one marker per plan, on the token of the position it was resolved at, in the outcome's colour
+        by_position: dict[int, list[str]] = {}
+        for event in injections:
+            by_position.setdefault(event["position"], []).append(event["outcome"])
+        marked = driver.execute_script("""
+            const out = {};
+            for (const pin of document.querySelectorAll('#run-main .tok .inj')) {
+              const p = pin.closest('.tok').dataset.position;
+              (out[p] = out[p] || []).push(pin.dataset.outcome);
+            }
+            return out;""")
+        assert {int(p): o for p, o in marked.items()} == by_position
+        applied = next(i for i in injections if i["outcome"] == "applied")
+        token = driver.find_element(By.CSS_SELECTOR, f"#run-main .text > .tok[data-position='{applied['position']}']")
+        assert "marked" in token.get_attribute("class") and "landed" in token.get_attribute("class")
+        legend = driver.find_element(By.CSS_SELECTOR, "#legend .chip[data-outcome='applied'] b").text
+        assert int(legend) == sum(i["outcome"] == "applied" for i in injections)
+
+        # the plan's detail: outcome, per-layer gates, and every field of the event
+        token.click()
+        detail = driver.find_element(By.ID, "detail")
+        assert detail.is_displayed()
+        assert detail.get_attribute("data-outcome") == "applied"
+        assert int(detail.get_attribute("data-position")) == applied["position"]
+        alphas = [float(b.get_attribute("data-alpha")) for b in detail.find_elements(By.CSS_SELECTOR, ".alpha-bar")]
+        assert alphas == pytest.approx(applied["alpha"]) and len(alphas) == 4
+        fields = {r.get_attribute("data-field") for r in detail.find_elements(By.CSS_SELECTOR, "tr[data-field]")}
+        assert fields == set(applied)
+        assert json.dumps(applied["action_text"]) in detail.text
+
+        # the request's timings and deliberation counters, from its done event
+        counters = {e.get_attribute("data-counter"): e.text for e in
+                    driver.find_elements(By.CSS_SELECTOR, "#counters [data-counter]")}
+        assert {k: int(v.replace(",", "")) for k, v in counters.items()} == done["deliberation"]
+        stats = driver.find_element(By.ID, "stats-main").text
+        for label in ("Time to first token", "Inter-token latency", "Tokens / s", "Total"):
+            assert label in stats
+        assert f"{FORM['max_tokens']}+{len(PROMPT)} prompt" in stats.replace("\n", "") and "length" in stats
+
+        # compare mode: the text without deliberation beside it, and where the two part
+        assert driver.find_element(By.ID, "run-baseline").is_displayed()
+        base_tokens = [d for e, d in baseline if e == "token"]
+        assert page_tokens(driver, "run-baseline") == [(t["position"], t["token_id"], shown(t["text"]))
+                                                       for t in base_tokens]
+        assert not driver.find_elements(By.CSS_SELECTOR, "#run-baseline .tok.marked")
+        # the planner's suggestions replace tokens, so the texts part (blends alone at this rate change no
+        # token of the tiny random model)
+        parted = next(a["position"] for a, b in zip(tokens, base_tokens) if a["token_id"] != b["token_id"])
+        note = driver.find_element(By.ID, "compare-note")
+        assert note.is_displayed()
+        assert note.get_attribute("data-first-difference") == str(parted) and f"#{parted}" in note.text
+        for run in ("run-main", "run-baseline"):
+            first = driver.find_element(By.CSS_SELECTOR, f"#{run} .text > .tok[data-position='{parted}']")
+            assert "diff" in first.get_attribute("class")
+            tinted = driver.find_elements(By.CSS_SELECTOR, f"#{run} .text > .tok.diff")
+            assert all(int(t.get_attribute("data-position")) >= parted for t in tinted)
+
+        # and the page said nothing went wrong
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+# ---- the routes, without a browser ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def live(model_dir, single_intra_op_thread):
+    server = LiveServer(settings_for(model_dir, model_name="tiny")).start()
+    yield server
+    server.stop()
+
+
+def test_the_page_and_its_files_are_served(live):
+    page = httpx.get(live.url + "/ui/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for name, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+        assert f'"{name}"' in page.text
+        r = httpx.get(f"{live.url}/ui/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"] and r.text.strip()
+    # nothing is loaded from elsewhere
+    assert "http://" not in page.text.replace("http://www.w3.org", "") and "https://" not in page.text
+    root = httpx.get(live.url + "/")
+    assert root.status_code == 307 and root.headers["location"] == "/ui/"
+
+
+def test_no_ui_serves_no_page(model_dir, single_intra_op_thread):
+    server = LiveServer(settings_for(model_dir, ui=False)).start()
+    try:
+        assert httpx.get(server.url + "/ui/").status_code == 404
+        assert httpx.get(server.url + "/").status_code == 404
+        assert httpx.get(server.url + "/v1/status").status_code == 200  # the API stays
+    finally:
+        server.stop()
+
+
+def test_status_reports_a_finished_request(live):
+    before = httpx.get(live.url + "/v1/status").json()
+    assert before["model"] == "tiny" and before["ready"] is True
+    body = {**request_body(deliberation=True), "stream": False}
+    answer = httpx.post(live.url + "/v1/generate", json=body, timeout=60).json()
+    landed = sum(i["outcome"] in ("applied", "applied_late") for i in answer["injections"])
+    assert all(isinstance(i["action_text"], str) for i in answer["injections"])
+
+    def moved() -> dict | None:
+        status = httpx.get(live.url + "/v1/status").json()
+        return status if status["totals"]["generated_tokens"] > before["totals"]["generated_tokens"] else None
+
+    wait_for(lambda: moved() is not None)
+    after = moved()
+    totals, previous = after["totals"], before["totals"]
+    assert totals["generated_tokens"] - previous["generated_tokens"] == FORM["max_tokens"]
+    assert totals["resolved_plans"] - previous["resolved_plans"] == len(answer["injections"])
+    assert totals["landed_plans"] - previous["landed_plans"] == landed
+    assert after["now"] == {"running": 0, "waiting": 0}
+    # the sampler keeps the last minute: at most 60 one-second points, each with every series
+    wait_for(lambda: httpx.get(live.url + "/v1/status").json()["series"] != [], timeout=15)
+    series = httpx.get(live.url + "/v1/status").json()["series"]
+    assert 1 <= len(series) <= 60
+    assert set(series[-1]) == {"age_s", "seconds", "running", "waiting", "tokens_per_s", "resolved_plans",
+                               "landing_ratio", "planner_lag_tokens"}
+
+
+def totals(tokens: int = 0, resolved: int = 0, landed: int = 0, lag: int = 0, running: int = 0) -> Totals:
+    return Totals(running=running, waiting=0, generated_tokens=tokens, resolved=resolved, landed=landed,
+                  lag_tokens=lag)
+
+
+def test_status_history_turns_samples_into_rates_over_the_last_window():
+    history = StatusHistory(window_s=3, interval_s=1.0)
+    samples = [(0.0, totals()), (1.0, totals(tokens=10, resolved=4, landed=3, lag=8, running=2)),
+               (2.0, totals(tokens=10, resolved=4, landed=3, lag=8)),       # a quiet second
+               (3.0, totals(tokens=40, resolved=6, landed=3, lag=14, running=1)),
+               (4.0, totals(tokens=60, resolved=10, landed=7, lag=18))]
+    for t, sample in samples:
+        history.record(t, sample)
+    report = history.report(samples[-1][1])
+    points = report["series"]
+    assert [p["age_s"] for p in points] == [2.0, 1.0, 0.0]  # the oldest sample fell out of the window
+    assert [p["tokens_per_s"] for p in points] == [0.0, 30.0, 20.0]
+    assert [p["landing_ratio"] for p in points] == [None, 0.0, 1.0]
+    assert [p["planner_lag_tokens"] for p in points] == [None, 3.0, 1.0]
+    assert [p["running"] for p in points] == [0, 1, 0]
+    assert report["window"] == {"seconds": 3.0, "tokens_per_s": 50 / 3, "resolved_plans": 6,
+                                "landing_ratio": 4 / 6, "planner_lag_tokens": 10 / 6}
+    assert StatusHistory().report(totals())["window"] is None  # nothing sampled yet
