@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 # ones arrive past max_lag (8) and are pruned. Synchronous plans (each computed before its position) with
 # a threshold of 3.5 show every kind of mark: applied, vetoed, and pruned at the end.
 SCREENSHOT_DELIBERATION = {"synchronous": True, "veto_threshold": 3.5}
-SCREENSHOT_FIELDS = {"max_tokens": 64, "temperature": 0.7, "seed": 3, "lag": 3, "injection_rate": 0.5}
+SCREENSHOT_FIELDS = {"max_tokens": 96, "temperature": 0.7, "seed": 3, "lag": 3, "injection_rate": 0.5}
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--no-first-run", "--disable-extensions", "--hide-scrollbars")
