@@ -77,7 +77,7 @@ def shown(text: str) -> str:
 # ---- the page in a browser -------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
     pytest.importorskip("selenium", reason="the dev extras install selenium")
     if chromium_paths() is None:
@@ -185,14 +185,12 @@ def test_the_page_and_its_files_are_served(live):
     assert root.status_code == 307 and root.headers["location"] == "/ui/"
 
 
-def test_no_ui_serves_no_page(model_dir, single_intra_op_thread):
-    server = LiveServer(settings_for(model_dir, ui=False)).start()
-    try:
-        assert httpx.get(server.url + "/ui/").status_code == 404
-        assert httpx.get(server.url + "/").status_code == 404
-        assert httpx.get(server.url + "/v1/status").status_code == 200  # the API stays
-    finally:
-        server.stop()
+@pytest.mark.slow
+def test_crsm_serve_no_ui_serves_no_page(model_dir):
+    with crsm_serve(model_dir, "--no-ui") as url:
+        assert httpx.get(url + "/ui/").status_code == 404
+        assert httpx.get(url + "/").status_code == 404
+        assert httpx.get(url + "/v1/status").status_code == 200  # the API stays
 
 
 def test_status_reports_a_finished_request(live):
