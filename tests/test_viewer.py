@@ -4,8 +4,9 @@ The browser test drives the page in a headless Chromium (Debian's, through Selen
 `crsm serve` on a tiny random model whose deliberation lands: synchronous plans at lag 1 with the veto
 off (its untrained value heads always disagree), so every plan is on time. It reads the same requests'
 SSE streams itself and checks the page against them: the tokens and their positions, a marker of each
-plan's outcome on the token of its position, the detail of a plan, the request's counters, and compare
-mode's second text and where the two texts part.
+plan's outcome on the token of its position, the detail of a plan, the request's counters, compare
+mode's second text and where the two texts part; and, fed to the page's renderer directly, outcomes and
+fields it does not know (drawn neutral, under their names, every field shown).
 """
 from __future__ import annotations
 
@@ -158,6 +159,31 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
             assert "diff" in first.get_attribute("class")
             tinted = driver.find_elements(By.CSS_SELECTOR, f"#{run} .text > .tok.diff")
             assert all(int(t.get_attribute("data-position")) >= parted for t in tinted)
+
+        # outcomes and fields the page does not know yet (a newer server) are drawn too: a neutral colour,
+        # their name, every field
+        driver.execute_script("""
+            main.reset("p");
+            main.token({text: "a", token_id: 97, position: 1});
+            main.injection({position: 1, target_position: 1, captured_position: 0, outcome: "diverged",
+                            alpha: [], lateness: 0, action: 98, value: 0.25, assumed_tokens: [98, 99]});
+            main.injection({position: 1, target_position: 1, captured_position: 0, outcome: "mystery",
+                            alpha: [0.5], lateness: 0, action: 97});
+            main.finish();""")
+        pins = driver.find_elements(By.CSS_SELECTOR, "#run-main .tok[data-position='1'] .inj")
+        assert [pin.get_attribute("data-outcome") for pin in pins] == ["diverged", "mystery"]
+        colour = "getComputedStyle(arguments[0]).backgroundColor"
+        other = driver.execute_script(
+            "const probe = document.body.appendChild(document.createElement('i'));"
+            "probe.style.background = 'var(--outcome-other)'; return getComputedStyle(probe).backgroundColor;")
+        assert driver.execute_script(f"return {colour}", pins[1]) == other
+        assert driver.execute_script(f"return {colour}", pins[0]) != other
+        driver.find_element(By.CSS_SELECTOR, "#run-main .tok[data-position='1']").click()
+        assert detail.get_attribute("data-outcome") == "diverged" and "diverged" in detail.text
+        fields = {r.get_attribute("data-field") for r in detail.find_elements(By.CSS_SELECTOR, "tr[data-field]")}
+        assert {"assumed_tokens", "value"} <= fields and "[98,99]" in detail.text
+        detail.find_element(By.XPATH, ".//button[contains(., 'mystery')]").click()
+        assert detail.get_attribute("data-outcome") == "mystery" and "mystery" in detail.text
 
         # and the page said nothing went wrong
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
