@@ -111,13 +111,18 @@ def _ready(url: str) -> bool:
         return False
 
 
-def fill(driver, fields: dict[str, object]) -> None:
-    """Sets the settings form's fields by name (numbers and text typed, booleans clicked)."""
+def fill(driver, fields: dict[str, object], timeout_s: float = 20) -> None:
+    """Sets the settings form's fields by name: numbers and text typed, checkboxes clicked, a choice (the
+    deliberation knobs' on/off/server's) selected. Waits for each field: the knobs come from the server."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     for name, value in fields.items():
-        element = driver.find_element(By.CSS_SELECTOR, f"#settings [name='{name}']")
-        if isinstance(value, bool):
+        element = WebDriverWait(driver, timeout_s).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, f"#settings [name='{name}']"))
+        if element.tag_name == "select":
+            Select(element).select_by_value(json.dumps(value) if isinstance(value, bool) else str(value))
+        elif isinstance(value, bool):
             if element.is_selected() != value:
                 driver.execute_script("arguments[0].click()", element)
         elif element.get_attribute("type") == "range":

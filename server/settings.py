@@ -66,7 +66,9 @@ class Aliases:
 
 class DeliberationKnobs(BaseModel):
     """The deliberation settings a request or the server may choose; None = the base config's value."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # the docstrings under the fields are also their descriptions in /openapi.json, which the viewer's
+    # form is built from (server/static/app.js)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     lag: int | None = Field(None, ge=0, le=MAX_LAG)
     """tokens a plan speculates before the position it plans for (default: from the measured latency)"""

@@ -3,10 +3,11 @@
 The browser test drives the page in a headless Chromium (Debian's, through Selenium) against a real
 `crsm serve` on a tiny random model whose deliberation lands: synchronous plans at lag 1 with the veto
 off (its untrained value heads always disagree), so every plan is on time. It reads the same requests'
-SSE streams itself and checks the page against them: the tokens and their positions, a marker of each
-plan's outcome on the token of its position, the detail of a plan, the request's counters, compare
-mode's second text and where the two texts part; and, fed to the page's renderer directly, outcomes and
-fields it does not know (drawn neutral, under their names, every field shown).
+SSE streams itself and checks the page against them: the form's deliberation knobs (the server's), the
+tokens and their positions, a marker of each plan's outcome on the token it planned (target_position),
+the detail of a plan, the request's counters, compare mode's second text and where the two texts part;
+and, fed to the page's renderer directly, outcomes and fields it does not know (drawn neutral, under
+their names, every field shown).
 """
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ from crsm_core.model import CRSMModel
 from crsm_core.tokenizer import ByteTokenizer
 from scripts.viewer import chromium_paths, crsm_serve, fill, headless_chromium, run_prompt
 from server.metrics import StatusHistory, Totals
+from server.schemas import DeliberationRequest
 from test_server import LiveServer, settings_for, wait_for
 
 LANDING = {"synchronous": True, "lag": 1, "veto_threshold": 1e9}
 PROMPT = "plans land"
-FORM = {"max_tokens": 20, "temperature": 0.0, "seed": 11, "ignore_eos": True, "lag": 1, "simulations": 4,
-        "injection_rate": 0.6, "use_suggestions": True}
+KNOBS = {"lag": 1, "simulations": 4, "injection_rate": 0.6, "use_suggestions": True}
+if "synchronous" in DeliberationRequest.model_fields:   # a request can ask for plans that land, too
+    KNOBS["synchronous"] = True
+FORM = {"max_tokens": 20, "temperature": 0.0, "seed": 11, "ignore_eos": True, **KNOBS}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,7 @@ def request_body(deliberation: bool) -> dict:
     """What the page sends for PROMPT and FORM (its form's fields, as app.js's requestBody reads them)."""
     body = {"prompt": PROMPT, "stream": True, "max_tokens": FORM["max_tokens"], "temperature": FORM["temperature"],
             "top_p": 1.0, "top_k": 0, "seed": FORM["seed"], "ignore_eos": True}
-    body["deliberation"] = ({"enabled": True, "lag": FORM["lag"], "simulations": FORM["simulations"],
-                             "injection_rate": FORM["injection_rate"], "use_suggestions": True} if deliberation else {"enabled": False})
+    body["deliberation"] = {"enabled": True, **KNOBS} if deliberation else {"enabled": False}
     return body
 
 
@@ -77,12 +80,15 @@ def shown(text: str) -> str:
 
 # ---- the page in a browser -------------------------------------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.timeout(60)
-def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
+def need_a_browser() -> None:
     pytest.importorskip("selenium", reason="the dev extras install selenium")
     if chromium_paths() is None:
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+
+
+@pytest.mark.slow
+def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
+    need_a_browser()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -97,16 +103,20 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
 
         driver.get(url + "/ui/")
         WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
+        # the deliberation knobs are the server's: every field of a request's `deliberation` but `enabled`
+        WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#deliberation-knobs [data-knob]"))
+        knobs = {e.get_attribute("data-knob") for e in driver.find_elements(By.CSS_SELECTOR, "#deliberation-knobs [data-knob]")}
+        assert knobs == set(DeliberationRequest.model_fields) - {"enabled"}
         fill(driver, FORM)
         run_prompt(driver, PROMPT, compare=True)
 
         # the tokens, with their positions, as streamed
         assert page_tokens(driver, "run-main") == [(t["position"], t["token_id"], shown(t["text"])) for t in tokens]
 
-        # one marker per plan, on the token of the position it was resolved at, in the outcome's colour
+        # one marker per plan, on the token it planned (at its target position), in the outcome's colour
         by_position: dict[int, list[str]] = {}
         for event in injections:
-            by_position.setdefault(event["position"], []).append(event["outcome"])
+            by_position.setdefault(event["target_position"], []).append(event["outcome"])
         marked = driver.execute_script("""
             const out = {};
             for (const pin of document.querySelectorAll('#run-main .tok .inj')) {
@@ -116,7 +126,8 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
             return out;""")
         assert {int(p): o for p, o in marked.items()} == by_position
         applied = next(i for i in injections if i["outcome"] == "applied")
-        token = driver.find_element(By.CSS_SELECTOR, f"#run-main .text > .tok[data-position='{applied['position']}']")
+        token = driver.find_element(By.CSS_SELECTOR,
+                                    f"#run-main .text > .tok[data-position='{applied['target_position']}']")
         assert "marked" in token.get_attribute("class") and "landed" in token.get_attribute("class")
         legend = driver.find_element(By.CSS_SELECTOR, "#legend .chip[data-outcome='applied'] b").text
         assert int(legend) == sum(i["outcome"] == "applied" for i in injections)
@@ -126,7 +137,7 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         detail = driver.find_element(By.ID, "detail")
         assert detail.is_displayed()
         assert detail.get_attribute("data-outcome") == "applied"
-        assert int(detail.get_attribute("data-position")) == applied["position"]
+        assert int(detail.get_attribute("data-position")) == applied["target_position"]
         alphas = [float(b.get_attribute("data-alpha")) for b in detail.find_elements(By.CSS_SELECTOR, ".alpha-bar")]
         assert alphas == pytest.approx(applied["alpha"]) and len(alphas) == 4
         fields = {r.get_attribute("data-field") for r in detail.find_elements(By.CSS_SELECTOR, "tr[data-field]")}
@@ -148,30 +159,42 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         assert page_tokens(driver, "run-baseline") == [(t["position"], t["token_id"], shown(t["text"]))
                                                        for t in base_tokens]
         assert not driver.find_elements(By.CSS_SELECTOR, "#run-baseline .tok.marked")
-        # the planner's suggestions replace tokens, so the texts part (blends alone at this rate change no
-        # token of the tiny random model)
-        parted = next(a["position"] for a, b in zip(tokens, base_tokens) if a["token_id"] != b["token_id"])
+        # where the two texts part (tokens the planner suggested differ), or that they do not
         note = driver.find_element(By.ID, "compare-note")
         assert note.is_displayed()
-        assert note.get_attribute("data-first-difference") == str(parted) and f"#{parted}" in note.text
-        for run in ("run-main", "run-baseline"):
-            first = driver.find_element(By.CSS_SELECTOR, f"#{run} .text > .tok[data-position='{parted}']")
-            assert "diff" in first.get_attribute("class")
-            tinted = driver.find_elements(By.CSS_SELECTOR, f"#{run} .text > .tok.diff")
-            assert all(int(t.get_attribute("data-position")) >= parted for t in tinted)
+        parted = next((a["position"] for a, b in zip(tokens, base_tokens) if a["token_id"] != b["token_id"]), None)
+        if parted is None:
+            assert note.get_attribute("data-first-difference") == "" and "identical" in note.text
+            assert not driver.find_elements(By.CSS_SELECTOR, ".text > .tok.diff")
+        else:
+            assert note.get_attribute("data-first-difference") == str(parted) and f"#{parted}" in note.text
+            for run in ("run-main", "run-baseline"):
+                first = driver.find_element(By.CSS_SELECTOR, f"#{run} .text > .tok[data-position='{parted}']")
+                assert "diff" in first.get_attribute("class")
+                tinted = driver.find_elements(By.CSS_SELECTOR, f"#{run} .text > .tok.diff")
+                assert all(int(t.get_attribute("data-position")) >= parted for t in tinted)
 
-        # outcomes and fields the page does not know yet (a newer server) are drawn too: a neutral colour,
-        # their name, every field
+        # the redesigned plans' fields (effect, state_position, value), and outcomes and fields the page does
+        # not know (a newer server): a plan is drawn on the token it chose, not where it was resolved; an
+        # unknown outcome in a neutral colour under its name; every field in the detail
         driver.execute_script("""
             main.reset("p");
             main.token({text: "a", token_id: 97, position: 1});
-            main.injection({position: 1, target_position: 1, captured_position: 0, outcome: "diverged",
-                            alpha: [], lateness: 0, action: 98, value: 0.25, assumed_tokens: [98, 99]});
-            main.injection({position: 1, target_position: 1, captured_position: 0, outcome: "mystery",
+            main.token({text: "b", token_id: 98, position: 2});
+            main.injection({position: 2, target_position: 1, state_position: 2, captured_position: 0,
+                            outcome: "diverged", effect: null, alpha: [], lateness: 0, action: 98, value: 0.25,
+                            assumed_tokens: [98, 99]});
+            main.injection({position: 2, target_position: 1, captured_position: 0, outcome: "mystery",
                             alpha: [0.5], lateness: 0, action: 97});
+            main.injection({position: 3, target_position: 5, captured_position: 2, outcome: "pruned",
+                            alpha: [], lateness: 0, action: 99});
             main.finish();""")
         pins = driver.find_elements(By.CSS_SELECTOR, "#run-main .tok[data-position='1'] .inj")
         assert [pin.get_attribute("data-outcome") for pin in pins] == ["diverged", "mystery"]
+        assert not driver.find_elements(By.CSS_SELECTOR, "#run-main .text > .tok[data-position='2'] .inj")
+        # a plan for a position the generation did not reach is listed after the text
+        trailer = driver.find_element(By.CSS_SELECTOR, "#run-main .trailer .tok[data-position='5']")
+        assert trailer.get_attribute("data-outcome") == "pruned"
         colour = "getComputedStyle(arguments[0]).backgroundColor"
         other = driver.execute_script(
             "const probe = document.body.appendChild(document.createElement('i'));"
@@ -181,7 +204,8 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         driver.find_element(By.CSS_SELECTOR, "#run-main .tok[data-position='1']").click()
         assert detail.get_attribute("data-outcome") == "diverged" and "diverged" in detail.text
         fields = {r.get_attribute("data-field") for r in detail.find_elements(By.CSS_SELECTOR, "tr[data-field]")}
-        assert {"assumed_tokens", "value"} <= fields and "[98,99]" in detail.text
+        assert {"assumed_tokens", "value", "effect", "state_position"} <= fields and "[98,99]" in detail.text
+        assert "state at #2" in detail.text and "resolved at #2" in detail.text
         detail.find_element(By.XPATH, ".//button[contains(., 'mystery')]").click()
         assert detail.get_attribute("data-outcome") == "mystery" and "mystery" in detail.text
 

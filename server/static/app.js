@@ -8,9 +8,9 @@ const KEY_STORAGE = "crsm.apiKey";      // sessionStorage: this tab only, never 
 const THEME_STORAGE = "crsm.theme";
 const THEMES = ["auto", "light", "dark"];
 const KNOWN_OUTCOMES = ["applied", "applied_late", "pruned", "vetoed", "rejected", "diverged"];
-const LANDED = new Set(["applied", "applied_late", "late"]);
-const OUTCOME_LABELS = {applied: "applied", applied_late: "applied late", late: "late", pruned: "pruned",
-                        vetoed: "vetoed", rejected: "rejected", diverged: "diverged"};
+const LANDED = new Set(["applied", "applied_late"]);
+const OUTCOME_LABELS = {applied: "applied", applied_late: "applied late", pruned: "pruned", vetoed: "vetoed",
+                        rejected: "rejected", diverged: "diverged"};
 const STATUS_EVERY_MS = 2000;
 const LCS_LIMIT = 4000;                 // longer texts are compared up to their first difference only
 
@@ -30,8 +30,7 @@ function el(tag, attrs = {}, ...children) {
 }
 
 function outcomeColor(outcome) {
-  return KNOWN_OUTCOMES.includes(outcome) || outcome in OUTCOME_LABELS
-    ? `var(--outcome-${outcome})` : "var(--outcome-other)";
+  return KNOWN_OUTCOMES.includes(outcome) ? `var(--outcome-${outcome})` : "var(--outcome-other)";
 }
 
 const outcomeLabel = (outcome) => OUTCOME_LABELS[outcome] || String(outcome);
@@ -113,7 +112,7 @@ class RunView {
     this.tokens = [];                   // {position, token_id, text, node}
     this.byPosition = new Map();
     this.injections = [];               // every injection event, in arrival order
-    this.pending = new Map();           // position -> injections that came before their token
+    this.pending = new Map();           // target position -> injections that came before its token
     this.done = null;
     this.error = null;
     this.text.replaceChildren(el("span", {class: "prompt-text"}, ...visibleText(prompt)), el("span", {class: "cursor"}));
@@ -143,14 +142,15 @@ class RunView {
     this.setState(`${this.tokens.length} tokens`, "live");
   }
 
+  // a plan is drawn on the token it chose: the one at its target position (the decision position)
   injection(event) {
     this.injections.push(event);
-    const token = this.byPosition.get(event.position);
+    const token = this.byPosition.get(event.target_position);
     if (token) this.mark(token.node, event);
-    else this.pending.set(event.position, [...(this.pending.get(event.position) || []), event]);
+    else this.pending.set(event.target_position, [...(this.pending.get(event.target_position) || []), event]);
   }
 
-  // a token's colour is its most telling plan: one that landed, else the last one resolved there
+  // a token's colour is its most telling plan: one that landed, else the last one resolved for it
   mark(node, event) {
     node.classList.add("marked");
     let pins = $(".pins", node);
@@ -168,14 +168,14 @@ class RunView {
 
   eventsAt(node) {
     const position = Number(node.dataset.position);
-    return this.injections.filter((e) => e.position === position);
+    return this.injections.filter((e) => e.target_position === position);
   }
 
   finish() {
     $(".cursor", this.text)?.remove();
-    // plans resolved where no token followed (the generation ended first) go after the text
+    // plans for positions the generation did not reach (it ended first) go after the text
     if (this.pending.size) {
-      const trailer = el("span", {class: "trailer"}, "resolved after the last token:");
+      const trailer = el("span", {class: "trailer"}, "planned past the last token:");
       for (const [position, events] of [...this.pending].sort((a, b) => a[0] - b[0])) {
         const node = el("span", {class: "tok", "data-position": position, "data-token-id": "–"}, `#${position}`);
         trailer.append(node);
@@ -237,12 +237,65 @@ function requestBody() {
                 ignore_eos: form.elements.ignore_eos.checked};
   const stop = form.elements.stop.value;
   if (stop) body.stop = stop;
-  const on = form.elements.deliberation.checked;
-  body.deliberation = on ? {enabled: true, lag: numberField(form, "lag"), simulations: numberField(form, "simulations"),
-                            injection_rate: numberField(form, "injection_rate"),
-                            use_suggestions: form.elements.use_suggestions.checked || undefined}
-                         : {enabled: false};
+  // the knobs left empty are left out: the server's defaults apply
+  body.deliberation = form.elements.deliberation.checked
+    ? {enabled: true, ...Object.fromEntries(knobs.map((knob) => [knob.name, knobValue(knob)]))} : {enabled: false};
   return body;
+}
+
+// The deliberation knobs are the server's own: the fields of the request's `deliberation` object in its
+// /openapi.json (their types, bounds and descriptions), so the form offers what this server accepts.
+let knobs = [];                         // {name, type, input}
+
+async function loadKnobs() {
+  const fieldset = $("#deliberation-knobs");
+  let doc;
+  try {
+    const response = await fetch("/openapi.json", {headers: headers()});
+    if (!response.ok) throw new Error(response.status === 401 ? "an API key is needed" : await errorMessage(response));
+    doc = await response.json();
+  } catch (e) {
+    knobs = [];
+    fieldset.replaceChildren(el("p", {class: "hint"}, `The server's deliberation settings could not be read (${e.message}).`));
+    return;
+  }
+  const schemas = doc.components.schemas;
+  const ref = nonNull(schemas.GenerateRequest.properties.deliberation).$ref;
+  const properties = schemas[ref.split("/").pop()].properties;
+  const before = new Map(knobs.map((knob) => [knob.name, knob.input.value]));   // read again: keep what was set
+  knobs = Object.entries(properties).filter(([name]) => name !== "enabled").map(([name, p]) => knobField(name, p));
+  for (const knob of knobs) if (before.has(knob.name)) knob.input.value = before.get(knob.name);
+  fieldset.replaceChildren(...knobs.map((knob) => knob.field));
+}
+
+const nonNull = (property) => (property.anyOf || [property]).find((o) => o.type !== "null");
+
+function knobField(name, property) {
+  const type = nonNull(property);
+  const unset = el("option", {value: ""}, "server's");
+  let input;
+  if (type.type === "boolean") {
+    input = el("select", {name}, unset, el("option", {value: "true"}, "on"), el("option", {value: "false"}, "off"));
+  } else if (type.enum) {
+    input = el("select", {name}, unset, ...type.enum.map((v) => el("option", {value: v}, String(v))));
+  } else if (type.type === "integer" || type.type === "number") {
+    input = el("input", {type: "number", name, min: type.minimum, max: type.maximum,
+                         step: type.type === "integer" ? 1 : "any", placeholder: "server's"});
+  } else {
+    input = el("input", {type: "text", name, maxlength: type.maxLength, placeholder: "server's"});
+  }
+  const title = property.title || name;
+  const field = el("label", {class: "field", "data-knob": name, title: property.description},
+                   el("span", {}, title[0] + title.slice(1).toLowerCase()), input);
+  return {name, type: type.type, input, field};
+}
+
+function knobValue(knob) {
+  const raw = knob.input.value.trim();
+  if (raw === "") return undefined;
+  if (knob.type === "boolean") return raw === "true";
+  if (knob.type === "integer" || knob.type === "number") return Number(raw);
+  return raw;
 }
 
 function wireSettings() {
@@ -253,9 +306,9 @@ function wireSettings() {
     range.addEventListener("input", show);
     show();
   }
-  const knobs = $("#deliberation-knobs");
+  const fieldset = $("#deliberation-knobs");
   const toggle = () => {
-    knobs.disabled = !form.elements.deliberation.checked;
+    fieldset.disabled = !form.elements.deliberation.checked;
     $("h3", $("#run-main")).textContent = form.elements.deliberation.checked ? "Deliberation on" : "Deliberation off";
   };
   form.elements.deliberation.addEventListener("change", toggle);
@@ -322,8 +375,8 @@ function renderCounters(view) {
 
 // ---- the plan detail ----------------------------------------------------------------------------
 
-const DETAIL_FIRST = ["outcome", "position", "target_position", "captured_position", "lateness", "action",
-                      "action_text", "value", "alpha", "reason", "latency_s"];
+const DETAIL_FIRST = ["outcome", "effect", "target_position", "position", "state_position", "captured_position",
+                      "lateness", "action", "action_text", "value", "alpha", "reason", "latency_s"];
 
 function renderDetail(view, node, index = 0) {
   const events = view.eventsAt(node);
@@ -335,7 +388,7 @@ function renderDetail(view, node, index = 0) {
   const color = outcomeColor(event.outcome);
   detail.style.setProperty("--c", color);
   detail.dataset.outcome = event.outcome;
-  detail.dataset.position = event.position;
+  detail.dataset.position = event.target_position;
 
   const tabs = events.length > 1 ? el("div", {class: "detail-tabs"}, ...events.map((e, i) =>
     el("button", {type: "button", class: e === event ? "on" : "", style: `--c: ${outcomeColor(e.outcome)}`,
@@ -343,7 +396,8 @@ function renderDetail(view, node, index = 0) {
   const head = el("div", {class: "detail-head"},
     el("span", {class: "badge", style: `--c: ${color}`}, outcomeLabel(event.outcome)),
     el("span", {class: "detail-title"}, `Plan for #${event.target_position}`),
-    el("span", {class: "detail-sub"}, `snapshot at #${event.captured_position} · resolved at #${event.position}`),
+    el("span", {class: "detail-sub"}, `snapshot at #${event.captured_position}` +
+       ("state_position" in event ? ` · state at #${event.state_position}` : "") + ` · resolved at #${event.position}`),
     tabs);
 
   const facts = [];
@@ -352,6 +406,7 @@ function renderDetail(view, node, index = 0) {
     const text = event.action_text;
     fact("action", text === undefined ? "" : JSON.stringify(text), " ", el("span", {class: "id"}, `token ${event.action}`));
   }
+  if ("effect" in event) fact("effect", event.effect ?? "–");
   if ("value" in event) fact("value", fmt(event.value, 4));
   if ("lateness" in event) fact("lateness", `${event.lateness} token${event.lateness === 1 ? "" : "s"}`);
   if ("latency_s" in event) fact("latency", ms(event.latency_s).join(" "));
@@ -564,7 +619,11 @@ function start() {
   wireSettings();
   const key = $("#api-key");
   key.value = sessionStorage.getItem(KEY_STORAGE) || "";
-  key.addEventListener("change", () => { sessionStorage.setItem(KEY_STORAGE, key.value.trim()); pollStatus(); });
+  key.addEventListener("change", () => {
+    sessionStorage.setItem(KEY_STORAGE, key.value.trim());
+    pollStatus();
+    loadKnobs();
+  });
   $("#run-button").addEventListener("click", run);
   $("#stop-button").addEventListener("click", () => controller?.abort());
   $("#prompt").addEventListener("keydown", (e) => {
@@ -580,6 +639,7 @@ function start() {
   document.addEventListener("visibilitychange", () => { if (!document.hidden) pollStatus(); });
   renderLegend([]);
   pollStatus();
+  loadKnobs();
 }
 
 start();
