@@ -60,7 +60,8 @@ def headless_chromium(width: int = 1440, height: int = 900, scheme: str | None =
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--window-size={width},{height}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})   # the page's console, for the test
+    # the page's console and its network requests (with their headers), for the test
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     if scheme is not None:
         options.add_argument(f"--blink-settings=preferredColorScheme={0 if scheme == 'dark' else 1}")
     driver = webdriver.Chrome(options=options, service=Service(executable_path=paths[1]))

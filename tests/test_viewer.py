@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -26,10 +27,12 @@ from crsm_core.tokenizer import ByteTokenizer
 from scripts.viewer import chromium_paths, crsm_serve, fill, headless_chromium, run_prompt
 from server.metrics import StatusHistory, Totals
 from server.schemas import DeliberationRequest
+from server.settings import ServerSettings
 from test_server import LiveServer, settings_for, wait_for
 
 LANDING = {"synchronous": True, "lag": 1, "veto_threshold": 1e9}
 PROMPT = "plans land"
+API_KEY = "viewer-test-key"
 KNOBS = {"lag": 1, "simulations": 4, "injection_rate": 0.6, "use_suggestions": True}
 if "synchronous" in DeliberationRequest.model_fields:   # a request can ask for plans that land, too
     KNOBS["synchronous"] = True
@@ -74,6 +77,24 @@ def page_tokens(driver, run: str) -> list[tuple[int, int, str]]:
           (t) => [Number(t.dataset.position), Number(t.dataset.tokenId), t.textContent]);""", run)]
 
 
+def enter_api_key(driver, key: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.find_element(By.ID, "api-key").send_keys(key, Keys.TAB)   # leaving the field commits it
+
+
+def requests_sent(driver) -> list[tuple[str, dict[str, str]]]:
+    """(path, headers with lower-case names) of the requests the page made, from Chromium's network log."""
+    out = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            request = message["params"]["request"]
+            out.append((urlsplit(request["url"]).path, {k.lower(): v for k, v in request["headers"].items()}))
+    return out
+
+
 def shown(text: str) -> str:
     return text.replace("\n", "↵")  # a newline is drawn as a mark (the break follows the token)
 
@@ -107,6 +128,8 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#deliberation-knobs [data-knob]"))
         knobs = {e.get_attribute("data-knob") for e in driver.find_elements(By.CSS_SELECTOR, "#deliberation-knobs [data-knob]")}
         assert knobs == set(DeliberationRequest.model_fields) - {"enabled"}
+        # a key typed into the page goes with its API calls (this server asks for none: it is ignored)
+        enter_api_key(driver, API_KEY)
         fill(driver, FORM)
         run_prompt(driver, PROMPT, compare=True)
 
@@ -209,8 +232,44 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         detail.find_element(By.XPATH, ".//button[contains(., 'mystery')]").click()
         assert detail.get_attribute("data-outcome") == "mystery" and "mystery" in detail.text
 
+        # the key went with every API call made after it was typed, and the page keeps it in this tab only
+        sent = requests_sent(driver)
+        generate = [h for path, h in sent if path == "/v1/generate"]
+        assert len(generate) == 2 and all(h.get("authorization") == f"Bearer {API_KEY}" for h in generate)
+        first_run = next(i for i, (path, _) in enumerate(sent) if path == "/v1/generate")
+        later = [h for path, h in sent[first_run:] if path in ("/v1/status", "/openapi.json")]
+        assert later and all(h.get("authorization") == f"Bearer {API_KEY}" for h in later)
+        assert driver.execute_script("return sessionStorage.getItem('crsm.apiKey')") == API_KEY
+        assert driver.execute_script("return Object.keys(localStorage)") in ([], ["crsm.theme"])
+
         # and the page said nothing went wrong
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@pytest.mark.slow
+def test_with_an_api_key_the_page_is_served_and_its_calls_carry_the_key(model_dir):
+    """The page and its files hold no data and are served to anyone (a browser cannot send a key to open
+    a page); what the page asks of the API needs the key typed into it."""
+    if "api_key" not in ServerSettings.model_fields:
+        pytest.skip("this server has no --api-key setting")
+    need_a_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with crsm_serve(model_dir, "--model-name", "tiny", "--api-key", API_KEY) as url, headless_chromium() as driver:
+        assert httpx.get(url + "/v1/status").status_code == 401
+        assert httpx.get(url + "/", follow_redirects=True).status_code == 200
+        for name in ("", "app.js", "style.css"):
+            assert httpx.get(f"{url}/ui/{name}").status_code == 200
+        driver.get(url + "/ui/")
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model-name").text == "API key needed")
+        WebDriverWait(driver, 20).until(lambda d: "API key" in d.find_element(By.ID, "deliberation-knobs").text)
+        enter_api_key(driver, API_KEY)
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
+        fill(driver, {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True, "lag": 1})
+        run_prompt(driver, PROMPT)
+        assert len(page_tokens(driver, "run-main")) == 4
+        assert not driver.find_element(By.CSS_SELECTOR, "#run-main .run-state").get_attribute("class").endswith("error")
 
 
 # ---- the routes, without a browser ----------------------------------------------------------------
