@@ -1,16 +1,18 @@
 """The deliberation viewer (/ui/) and the status endpoint it polls (/v1/status).
 
 The browser test drives the page in a headless Chromium (Debian's, through Selenium) against a real
-`crsm serve` on a tiny random model whose deliberation lands: synchronous plans at lag 1 with the veto
-off (its untrained value heads always disagree), so every plan is on time. It reads the same requests'
-SSE streams itself and checks the page against them: the form's deliberation knobs (the server's), the
-tokens and their positions, a marker of each plan's outcome on the token it planned (target_position),
-the detail of a plan, the request's counters, compare mode's second text and where the two texts part;
-and, fed to the page's renderer directly, outcomes and fields it does not know (drawn neutral, under
-their names, every field shown).
+`crsm serve` on a tiny random model whose deliberation lands and acts: synchronous plans (each lands on
+time), valued by random heads that the model declares it trusts, so that plans choose other tokens than
+the model's and suggest or blend them. It reads the same requests' SSE streams itself and checks the
+page against them: the form's deliberation knobs (the server's), the tokens and their positions, a
+marker of each plan's outcome on the token it planned (target_position), the detail of a suggested and
+of a blended plan (per-layer gates), the request's counters, compare mode's second text and where the
+two texts part; and, fed to the page's renderer directly, outcomes and fields it does not know (drawn
+neutral, under their names, every field shown).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,38 +26,46 @@ from crsm_core.config import tiny_config
 from crsm_core.deliberation import DELIBERATION_FILE
 from crsm_core.model import CRSMModel
 from crsm_core.tokenizer import ByteTokenizer
+from crsm_core.value import ValueHeads, ValueHeadsConfig
 from scripts.viewer import chromium_paths, crsm_serve, fill, headless_chromium, run_prompt
 from server.metrics import StatusHistory, Totals
 from server.schemas import DeliberationRequest
 from server.settings import ServerSettings
 from test_server import LiveServer, settings_for, wait_for
 
-LANDING = {"synchronous": True, "lag": 1, "veto_threshold": 1e9}
+# the test model's crsm.json: its random heads disagree (their spread would veto every plan), and their
+# values differ little (an adoption margin would keep every plan from acting)
+MODEL_DELIBERATION = {"veto_threshold": 1e9, "adoption_margin": 0.0}
 PROMPT = "plans land"
 API_KEY = "viewer-test-key"
-KNOBS = {"lag": 1, "simulations": 4, "injection_rate": 0.6, "use_suggestions": True}
-if "synchronous" in DeliberationRequest.model_fields:   # a request can ask for plans that land, too
-    KNOBS["synchronous"] = True
-FORM = {"max_tokens": 20, "temperature": 0.0, "seed": 11, "ignore_eos": True, **KNOBS}
+SAMPLING = {"max_tokens": 20, "temperature": 0.0, "seed": 11, "ignore_eos": True}
+# synchronous plans land on time, a position after the one they plan for (lag 1). Suggesting, they
+# replace tokens (the texts part); not suggesting, they blend their state in (at rate 1: gates visible).
+SUGGESTING = {"synchronous": True, "lag": 1, "simulations": 4, "use_suggestions": True}
+BLENDING = {**SUGGESTING, "use_suggestions": False, "injection_rate": 1.0}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("viewer-model")
     torch.manual_seed(0)
-    model = CRSMModel(MambaLM(tiny_config()), tokenizer=ByteTokenizer())
+    backbone = MambaLM(tiny_config())
+    # random heads declared to rank candidates (beats_prior): the search follows them, so plans choose
+    # other tokens than the model's and are suggested or blended (heads that are not trusted value every
+    # node the same, and every plan keeps the model's token)
+    heads = ValueHeads(dataclasses.replace(ValueHeadsConfig.for_model(backbone.config, hidden=8), beats_prior=True))
+    model = CRSMModel(backbone, tokenizer=ByteTokenizer(), value_heads=heads.eval())
     model.save_pretrained(directory)
     model.close()
-    (directory / DELIBERATION_FILE).write_text(json.dumps(LANDING))
+    (directory / DELIBERATION_FILE).write_text(json.dumps(MODEL_DELIBERATION))
     return directory
 
 
-def request_body(deliberation: bool) -> dict:
-    """What the page sends for PROMPT and FORM (its form's fields, as app.js's requestBody reads them)."""
-    body = {"prompt": PROMPT, "stream": True, "max_tokens": FORM["max_tokens"], "temperature": FORM["temperature"],
-            "top_p": 1.0, "top_k": 0, "seed": FORM["seed"], "ignore_eos": True}
-    body["deliberation"] = {"enabled": True, **KNOBS} if deliberation else {"enabled": False}
-    return body
+def request_body(knobs: dict | None) -> dict:
+    """What the page sends for PROMPT, SAMPLING and these deliberation knobs (None: off), as app.js's
+    requestBody reads its form."""
+    return {"prompt": PROMPT, "stream": True, **SAMPLING, "top_p": 1.0, "top_k": 0,
+            "deliberation": {"enabled": False} if knobs is None else {"enabled": True, **knobs}}
 
 
 def sse(url: str, body: dict) -> list[tuple[str, dict]]:
@@ -114,13 +124,15 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
     from selenium.webdriver.support.ui import WebDriverWait
 
     with crsm_serve(model_dir, "--model-name", "tiny") as url, headless_chromium() as driver:
-        expected = sse(url, request_body(deliberation=True))
-        baseline = sse(url, request_body(deliberation=False))
+        expected = sse(url, request_body(SUGGESTING))
+        baseline = sse(url, request_body(None))
+        blending = sse(url, request_body(BLENDING))
         tokens = [d for e, d in expected if e == "token"]
         injections = [d for e, d in expected if e == "injection"]
         done = expected[-1][1]
-        assert expected[-1][0] == "done" and len(tokens) == FORM["max_tokens"]
-        assert any(i["outcome"] == "applied" for i in injections), "deliberation must land for this test"
+        assert expected[-1][0] == "done" and len(tokens) == SAMPLING["max_tokens"]
+        suggested = next(i for i in injections if (i["outcome"], i["effect"]) == ("applied", "suggested"))
+        blended = next(d for e, d in blending if e == "injection" and d["effect"] == "blended")
 
         driver.get(url + "/ui/")
         WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
@@ -130,7 +142,7 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         assert knobs == set(DeliberationRequest.model_fields) - {"enabled"}
         # a key typed into the page goes with its API calls (this server asks for none: it is ignored)
         enter_api_key(driver, API_KEY)
-        fill(driver, FORM)
+        fill(driver, SAMPLING | SUGGESTING)
         run_prompt(driver, PROMPT, compare=True)
 
         # the tokens, with their positions, as streamed
@@ -148,24 +160,26 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
             }
             return out;""")
         assert {int(p): o for p, o in marked.items()} == by_position
-        applied = next(i for i in injections if i["outcome"] == "applied")
         token = driver.find_element(By.CSS_SELECTOR,
-                                    f"#run-main .text > .tok[data-position='{applied['target_position']}']")
+                                    f"#run-main .text > .tok[data-position='{suggested['target_position']}']")
         assert "marked" in token.get_attribute("class") and "landed" in token.get_attribute("class")
+        assert token.get_attribute("data-token-id") == str(suggested["action"])   # the token it suggested
+        assert token.get_attribute("data-effect") == "suggested" and token.value_of_css_property("font-weight") == "700"
         legend = driver.find_element(By.CSS_SELECTOR, "#legend .chip[data-outcome='applied'] b").text
         assert int(legend) == sum(i["outcome"] == "applied" for i in injections)
 
-        # the plan's detail: outcome, per-layer gates, and every field of the event
+        # a plan's detail: outcome, effect, the planned token, and every field of the event
         token.click()
         detail = driver.find_element(By.ID, "detail")
         assert detail.is_displayed()
         assert detail.get_attribute("data-outcome") == "applied"
-        assert int(detail.get_attribute("data-position")) == applied["target_position"]
-        alphas = [float(b.get_attribute("data-alpha")) for b in detail.find_elements(By.CSS_SELECTOR, ".alpha-bar")]
-        assert alphas == pytest.approx(applied["alpha"]) and len(alphas) == 4
+        assert int(detail.get_attribute("data-position")) == suggested["target_position"]
+        facts = dict(zip([e.text for e in detail.find_elements(By.CSS_SELECTOR, ".facts dt")],
+                         [e.text for e in detail.find_elements(By.CSS_SELECTOR, ".facts dd")]))
+        assert facts["effect"] == "suggested" and facts["action"].startswith(json.dumps(suggested["action_text"]))
+        assert "none (not blended)" in detail.text and not detail.find_elements(By.CSS_SELECTOR, ".alpha-bar")
         fields = {r.get_attribute("data-field") for r in detail.find_elements(By.CSS_SELECTOR, "tr[data-field]")}
-        assert fields == set(applied)
-        assert json.dumps(applied["action_text"]) in detail.text
+        assert fields == set(suggested)
 
         # the request's timings and deliberation counters, from its done event
         counters = {e.get_attribute("data-counter"): e.text for e in
@@ -174,7 +188,7 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         stats = driver.find_element(By.ID, "stats-main").text
         for label in ("Time to first token", "Inter-token latency", "Tokens / s", "Total"):
             assert label in stats
-        assert f"{FORM['max_tokens']}+{len(PROMPT)} prompt" in stats.replace("\n", "") and "length" in stats
+        assert f"{SAMPLING['max_tokens']}+{len(PROMPT)} prompt" in stats.replace("\n", "") and "length" in stats
 
         # compare mode: the text without deliberation beside it, and where the two part
         assert driver.find_element(By.ID, "run-baseline").is_displayed()
@@ -182,20 +196,25 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         assert page_tokens(driver, "run-baseline") == [(t["position"], t["token_id"], shown(t["text"]))
                                                        for t in base_tokens]
         assert not driver.find_elements(By.CSS_SELECTOR, "#run-baseline .tok.marked")
-        # where the two texts part (tokens the planner suggested differ), or that they do not
+        # where the two texts part: the planner's suggestions replaced tokens
         note = driver.find_element(By.ID, "compare-note")
         assert note.is_displayed()
         parted = next((a["position"] for a, b in zip(tokens, base_tokens) if a["token_id"] != b["token_id"]), None)
-        if parted is None:
-            assert note.get_attribute("data-first-difference") == "" and "identical" in note.text
-            assert not driver.find_elements(By.CSS_SELECTOR, ".text > .tok.diff")
-        else:
-            assert note.get_attribute("data-first-difference") == str(parted) and f"#{parted}" in note.text
-            for run in ("run-main", "run-baseline"):
-                first = driver.find_element(By.CSS_SELECTOR, f"#{run} .text > .tok[data-position='{parted}']")
-                assert "diff" in first.get_attribute("class")
-                tinted = driver.find_elements(By.CSS_SELECTOR, f"#{run} .text > .tok.diff")
-                assert all(int(t.get_attribute("data-position")) >= parted for t in tinted)
+        assert parted is not None, "the suggestions must change the text for this test"
+        assert note.get_attribute("data-first-difference") == str(parted) and f"#{parted}" in note.text
+        for run in ("run-main", "run-baseline"):
+            first = driver.find_element(By.CSS_SELECTOR, f"#{run} .text > .tok[data-position='{parted}']")
+            assert "diff" in first.get_attribute("class")
+            tinted = driver.find_elements(By.CSS_SELECTOR, f"#{run} .text > .tok.diff")
+            assert all(int(t.get_attribute("data-position")) >= parted for t in tinted)
+
+        # a blended plan's detail: the gates it blended, a bar per layer
+        fill(driver, BLENDING)
+        run_prompt(driver, PROMPT, compare=False)
+        driver.find_element(By.CSS_SELECTOR, f"#run-main .text > .tok[data-position='{blended['target_position']}']").click()
+        assert detail.get_attribute("data-position") == str(blended["target_position"]) and "blended" in detail.text
+        alphas = [float(b.get_attribute("data-alpha")) for b in detail.find_elements(By.CSS_SELECTOR, ".alpha-bar")]
+        assert alphas == pytest.approx(blended["alpha"]) and len(alphas) == 4 and any(alphas)
 
         # the redesigned plans' fields (effect, state_position, value), and outcomes and fields the page does
         # not know (a newer server): a plan is drawn on the token it chose, not where it was resolved; an
@@ -235,7 +254,7 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         # the key went with every API call made after it was typed, and the page keeps it in this tab only
         sent = requests_sent(driver)
         generate = [h for path, h in sent if path == "/v1/generate"]
-        assert len(generate) == 2 and all(h.get("authorization") == f"Bearer {API_KEY}" for h in generate)
+        assert len(generate) == 3 and all(h.get("authorization") == f"Bearer {API_KEY}" for h in generate)
         first_run = next(i for i, (path, _) in enumerate(sent) if path == "/v1/generate")
         later = [h for path, h in sent[first_run:] if path in ("/v1/status", "/openapi.json")]
         assert later and all(h.get("authorization") == f"Bearer {API_KEY}" for h in later)
@@ -305,7 +324,7 @@ def test_crsm_serve_no_ui_serves_no_page(model_dir):
 def test_status_reports_a_finished_request(live):
     before = httpx.get(live.url + "/v1/status").json()
     assert before["model"] == "tiny" and before["ready"] is True
-    body = {**request_body(deliberation=True), "stream": False}
+    body = {**request_body(SUGGESTING), "stream": False}
     answer = httpx.post(live.url + "/v1/generate", json=body, timeout=60).json()
     landed = sum(i["outcome"] in ("applied", "applied_late") for i in answer["injections"])
     assert all(isinstance(i["action_text"], str) for i in answer["injections"])
@@ -317,7 +336,7 @@ def test_status_reports_a_finished_request(live):
     wait_for(lambda: moved() is not None)
     after = moved()
     totals, previous = after["totals"], before["totals"]
-    assert totals["generated_tokens"] - previous["generated_tokens"] == FORM["max_tokens"]
+    assert totals["generated_tokens"] - previous["generated_tokens"] == SAMPLING["max_tokens"]
     assert totals["resolved_plans"] - previous["resolved_plans"] == len(answer["injections"])
     assert totals["landed_plans"] - previous["landed_plans"] == landed
     assert after["now"] == {"running": 0, "waiting": 0}

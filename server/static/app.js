@@ -162,8 +162,9 @@ class RunView {
     node.style.setProperty("--c", outcomeColor(lead.outcome));
     node.classList.toggle("landed", LANDED.has(lead.outcome));
     node.dataset.outcome = lead.outcome;
+    node.dataset.effect = lead.effect ?? "";     // "suggested": the token is the planner's
     node.title = `#${node.dataset.position} · token ${node.dataset.tokenId} · ` +
-                 events.map((e) => outcomeLabel(e.outcome)).join(", ");
+                 events.map((e) => outcomeLabel(e.outcome) + (e.effect ? ` (${e.effect})` : "")).join(", ");
   }
 
   eventsAt(node) {
@@ -321,9 +322,12 @@ function wireSettings() {
 function renderLegend(views) {
   const counts = new Map(KNOWN_OUTCOMES.map((o) => [o, 0]));
   for (const view of views) for (const e of view.injections) counts.set(e.outcome, (counts.get(e.outcome) || 0) + 1);
-  $("#legend").replaceChildren(...[...counts].map(([outcome, n]) =>
+  const chips = [...counts].map(([outcome, n]) =>
     el("span", {class: n ? "chip" : "chip zero", "data-outcome": outcome, style: `--c: ${outcomeColor(outcome)}`},
-       el("i"), outcomeLabel(outcome), el("b", {}, String(n)))));
+       el("i"), outcomeLabel(outcome), el("b", {}, String(n))));
+  if (views.some((view) => view.injections.some((e) => e.effect === "suggested")))
+    chips.push(el("span", {class: "legend-note"}, el("b", {}, "bold"), ": the planner's token (suggested)"));
+  $("#legend").replaceChildren(...chips);
 }
 
 function stat(label, [value, unit]) {
