@@ -24,16 +24,13 @@ from typing import Iterator
 
 import httpx
 
-from crsm_core.deliberation import DELIBERATION_FILE
 
 REPO = Path(__file__).resolve().parent.parent
-# The screenshot's deliberation, laid over models/default's crsm.json. Its value heads mostly disagree by
-# more than its veto threshold of 1.0 (a spread of about 3 on these prompts), so nearly every plan is
-# vetoed (docs/evaluation.md); and on a 2-core CPU a plan takes about a second, 13 tokens, so asynchronous
-# ones arrive past max_lag (8) and are pruned. Synchronous plans (each computed before its position) with
-# a threshold of 3.5 show every kind of mark: applied, vetoed, and pruned at the end.
-SCREENSHOT_DELIBERATION = {"synchronous": True, "veto_threshold": 3.5}
-SCREENSHOT_FIELDS = {"max_tokens": 96, "temperature": 0.7, "seed": 3, "lag": 3, "injection_rate": 0.5}
+# The screenshot: the bundled model answers this sum wrong greedily (9113); synchronous plans valued by
+# the arithmetic checker correct it (10113). Its own value heads are not trusted to rank candidates
+# (value_heads.json), so without a checker every plan keeps the model's token.
+SCREENSHOT_PROMPT = "4817+5296="
+SCREENSHOT_FIELDS = {"max_tokens": 16, "temperature": 0, "synchronous": True, "verifier": "arithmetic"}
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--no-first-run", "--disable-extensions", "--hide-scrollbars")
@@ -151,18 +148,6 @@ def run_prompt(driver, prompt: str, *, compare: bool = False, timeout_s: float =
         lambda d: int(d.find_element(By.TAG_NAME, "body").get_attribute("data-runs") or 0) > runs)
 
 
-def with_deliberation_defaults(model_dir: Path, overrides: dict, into: Path) -> Path:
-    """A model directory of links to model_dir's files whose crsm.json has `overrides` on top of its own."""
-    into.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.name != DELIBERATION_FILE:
-            (into / f.name).symlink_to(f.resolve())
-    own = model_dir / DELIBERATION_FILE
-    settings = json.loads(own.read_text()) if own.exists() else {}
-    (into / DELIBERATION_FILE).write_text(json.dumps({**settings, **overrides}))
-    return into
-
-
 def full_page(driver, width: int) -> None:
     """Grows the window until the whole page fits in it."""
     for _ in range(4):
@@ -179,10 +164,11 @@ def screenshot(model_dir: Path, out: Path, prompt: str, fields: dict[str, object
         driver.get(url + "/ui/")
         fill(driver, fields)
         run_prompt(driver, prompt, compare=True, timeout_s=300)
-        marked = driver.find_elements(By.CSS_SELECTOR, "#run-main .tok.marked[data-outcome='applied']") or \
-            driver.find_elements(By.CSS_SELECTOR, "#run-main .tok.marked")
-        if marked:
-            marked[len(marked) // 3].click()
+        for kind in ("[data-effect='suggested']", "[data-effect='blended']", ""):   # the most telling plan
+            marked = driver.find_elements(By.CSS_SELECTOR, f"#run-main .tok.marked{kind}")
+            if marked:
+                marked[0].click()
+                break
         time.sleep(2.5)  # one more status poll, so the sparklines show this run
         full_page(driver, 1440)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,15 +179,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "default")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "viewer.png")
-    parser.add_argument("--prompt", default="def read_config(path):")
+    parser.add_argument("--prompt", default=SCREENSHOT_PROMPT)
     parser.add_argument("--fields", default=json.dumps(SCREENSHOT_FIELDS), help="the settings form's fields, JSON")
-    parser.add_argument("--deliberation", default=json.dumps(SCREENSHOT_DELIBERATION),
-                        help="deliberation defaults laid over the model's crsm.json, JSON")
     parser.add_argument("--scheme", choices=("light", "dark"), default="light")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = with_deliberation_defaults(args.model, json.loads(args.deliberation), Path(tmp) / args.model.name)
-        screenshot(model, args.out, args.prompt, json.loads(args.fields), args.scheme)
+    screenshot(args.model, args.out, args.prompt, json.loads(args.fields), args.scheme)
 
 
 if __name__ == "__main__":
