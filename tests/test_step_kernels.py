@@ -67,6 +67,46 @@ def test_steps_follow_the_reference(dtype, bound, batch):
 
 
 @pytest.mark.slow
+@torch.no_grad()
+def test_batched_steps_read_each_rows_token_from_a_strided_column():
+    # Step t fed decode[:, t], a column of the [B, S] token matrix (stride S), as the GPU parity run's
+    # eager path does. The kernels once read entry m at offset m, i.e. row 0's later tokens: every row
+    # but the first stepped the wrong token (there: logits error 1.34, top-1 agreement 1/16 at batch 16).
+    batch = 16
+    reference, fast = pair(torch.float32)
+    want = reference.allocate_state(batch)
+    reference(torch.randint(0, 256, (batch, 5)), want)
+    got = want.clone()
+    decode = torch.randint(0, 256, (batch, 3))
+    for t in range(2):
+        assert not decode[:, t].is_contiguous()
+        logits, expected = fast.step(decode[:, t], got), reference.step(decode[:, t], want)
+        assert rel(logits, expected) <= FP32
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    assert rel(got.ssm, want.ssm) <= FP32 and rel(got.conv, want.conv) <= FP32
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_rows_are_read_from_strided_index_vectors():
+    # src and dst as the columns of one [M, 2] table of (parent, child) rows
+    reference, fast = pair(torch.float32)
+    pool = reference.allocate_state(7)
+    reference(torch.randint(0, 256, (7, 5)), pool)
+    table = torch.tensor([[4, 0], [1, 5], [6, 2]])
+    src, dst = table[:, 0], table[:, 1]
+    assert not src.is_contiguous()
+    tokens = torch.randint(0, 256, (6,))[::2]
+    stepped = pool.gather(src)
+    want = reference.step(tokens, stepped)
+    got_pool = pool.clone()
+    assert rel(fast.step_rows(tokens, got_pool, src, dst), want) <= FP32
+    assert rel(got_pool.gather(dst).ssm, stepped.ssm) <= FP32
+    assert rel(got_pool.gather(dst).conv, stepped.conv) <= FP32
+    assert torch.equal(got_pool.gather([1, 3, 4, 6]).ssm, pool.gather([1, 3, 4, 6]).ssm)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("groups", [1, 2])
 @torch.no_grad()
 def test_gemv_blocks_past_the_end_of_k_are_masked(groups):

@@ -318,12 +318,18 @@ def _group_block(group_size: int, groups: int, limit: int) -> int:
 def decode_step(model, tokens: torch.Tensor, state: RecurrentState, src_rows: torch.Tensor | None,
                 dst_rows: torch.Tensor | None) -> torch.Tensor:
     """tokens: [M] long; state: R >= M rows ([L, R, C, K] and [L, R, H, P, N]); src_rows, dst_rows:
-    [M] int (None: rows 0..M-1, in place). Returns logits [M, vocab_size] in the model's dtype."""
+    [M] int (None: rows 0..M-1, in place); the [M] vectors may be strided. Returns logits
+    [M, vocab_size] in the model's dtype."""
     config, s = model.config, model.config.ssm_cfg
     m = tokens.shape[0]
     has_rows = src_rows is not None
     if has_rows and (dst_rows is None or src_rows.shape != (m,) or dst_rows.shape != (m,)):
         raise ValueError(f"src_rows and dst_rows must both be [{m}]")
+    # The kernels index tokens and rows as dense vectors (entry m at offset m), and a column of a
+    # [B, S] token matrix is strided: made dense here (a no-op for the engine's static buffers).
+    tokens = tokens.contiguous()
+    if has_rows:
+        src_rows, dst_rows = src_rows.contiguous(), dst_rows.contiguous()
     if not has_rows and state.batch < m:
         raise ValueError(f"{m} tokens for a state of {state.batch} rows")
     device, dtype = model.device, model.dtype
