@@ -8,10 +8,11 @@ of the decode logits (all steps together, and the worst single step), of the fin
 top-1 agreement of the decode logits. In bf16 the reference itself is measured against an fp32 run
 of the same (bf16-rounded) weights, which shows the size of bf16 noise the fused errors compare to.
 
-Step cases (`STEP_CASES`): the decode step alone, 256 steps from a state the reference prefilled (the
-same start for both), at batch 1, 16 and 64: in place (`step`), graph-captured (`CapturedDecoder`, the
-engine's path), and by row index (`step_rows` over a pool of 2B + 1 rows, eager and captured, the
-planner's path), the rows the batch does not use checked untouched.
+Step cases (`STEP_CASES`): the decode step alone from a state the reference prefilled (the same start
+for both): in place (`step`) at batch 1, 16 and 64 (the kernels' tile sizes; bf16 at 1, 16), captured
+(`CapturedDecoder`, the engine's path) at 1 and 16, and by row index (`step_rows` over a pool of
+2B + 1 rows, eager and captured, the planner's path) at 16, the rows the batch does not use checked
+untouched; fp32 over 256 steps, bf16 over 128 (see `StepCase`).
 
     python scripts/gpu_parity.py [--out DIR]     # writes parity.json and parity.md (default: $OUT)
     python scripts/gpu_parity.py --timing-only   # the step timings alone (the tests make the rest)
@@ -21,6 +22,7 @@ tests/gpu/test_fused.py and tests/gpu/test_step_kernels_gpu.py run the same meas
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import importlib.metadata
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,17 +174,49 @@ def measure(case: ParityCase, device: str = "cuda", impls: tuple[str, ...] = GPU
 
 @dataclass(frozen=True)
 class StepCase:
+    """Each path at the batches where it runs code (a tile size, a kernel variant) the others do not:
+
+    - `eager_batches`: `step` in place, one batch per tile size of proj_tiles (1: the GEMV; 16 and 64:
+      tl.dot tiles of 16 and 64 rows), each a kernel variant of its own;
+    - `graph_batches`: `CapturedDecoder` (the engine's path), one decoder of max(graph_batches) rows
+      whose buckets all run the variants the eager batches compiled (no compilation of their own);
+    - `rows_batch`: `step_rows` in place and into other rows, eager and captured (the planner's path,
+      the kernels' HAS_ROWS variants), at one batch: row indexing does not depend on the tile.
+
+    Every path at batch b starts from rows [0:b] of one state the reference prefilled and is checked
+    against rows [0:b] of one reference run (rows of a batch do not interact), so the reference runs
+    once per case, at the largest batch."""
     name: str
     config: MambaConfig
     dtype: torch.dtype
-    batches: tuple[int, ...] = (1, 16, 64)
+    eager_batches: tuple[int, ...]
+    graph_batches: tuple[int, ...]
+    rows_batch: int
+    steps: int
     prefill_len: int = 32
-    steps: int = 256
     seed: int = 0
 
+    @property
+    def batch(self) -> int:
+        return max(*self.eager_batches, *self.graph_batches, self.rows_batch)
 
-STEP_CASES = (StepCase("d768-L24-fp32-steps", BF16_CASE.config, torch.float32),
-              StepCase("d768-L24-bf16-steps", BF16_CASE.config, torch.bfloat16))
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The `b<B> <path>` names measure_steps reports (and the tests check)."""
+        return (*(f"b{b} eager" for b in self.eager_batches), *(f"b{b} graph" for b in self.graph_batches),
+                *(f"b{self.rows_batch} {path}" for path, _, _ in ROWS_PATHS))
+
+
+# (name, captured, ping-pong: read from one set of rows and written to another)
+ROWS_PATHS = (("rows", False, False), ("rows graph", True, False),
+              ("rows to other rows", False, True), ("rows to other rows graph", True, True))
+# fp32 over 256 steps: its bound is exactness. bf16 over 128 steps at batch 1 and 16: its bound is bf16
+# noise, and its kernels differ from fp32's by their roundings, not by tile; fewer steps and kernel
+# variants keep the test file within its time budget.
+STEP_CASES = (StepCase("d768-L24-fp32-steps", BF16_CASE.config, torch.float32, eager_batches=(1, 16, 64),
+                       graph_batches=(1, 16), rows_batch=16, steps=256),
+              StepCase("d768-L24-bf16-steps", BF16_CASE.config, torch.bfloat16, eager_batches=(1, 16),
+                       graph_batches=(1, 16), rows_batch=16, steps=128))
 
 
 def decode_errors(logits: torch.Tensor, final: RecurrentState, want_logits: torch.Tensor,
@@ -240,37 +275,105 @@ def rows_steps(model: MambaLM, start: RecurrentState, decode: torch.Tensor, grap
     return torch.stack(logits, 1), pool.gather(src), changed   # after the last swap src holds the result
 
 
+class CompileLog:
+    """Counts and times Triton's compilations (misses of its in-process kernel cache: one per kernel
+    variant, whether or not its disk cache has the binary) while active, through its JIT hooks."""
+
+    def __init__(self):
+        self.variants: collections.Counter[str] = collections.Counter()
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def _before(self, **_) -> None:
+        self._started = time.perf_counter()
+        return None   # a true value would tell Triton to skip the compilation
+
+    def _after(self, *, fn, **_) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.variants[fn.name] += 1
+
+    def __enter__(self) -> "CompileLog":
+        from triton import knobs
+        self._saved = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._before, self._after
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from triton import knobs
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._saved
+
+
+def first_rows(run: tuple[torch.Tensor, RecurrentState], batch: int) -> tuple[torch.Tensor, RecurrentState]:
+    """(logits [B, S, V], final state of B rows) -> the same of the first `batch` rows."""
+    logits, final = run
+    return logits[:batch], final.rows(slice(0, batch))
+
+
 def measure_steps(case: StepCase, impl: str = "fused_step", device: str = "cuda") -> dict[str, dict[str, float]]:
-    """{"b<B> <path>": errors} for each batch and path (eager, graph, the rows paths) of `impl`
-    against the reference, and in bf16 also `b<B> reference vs fp32` and `b<B> graph vs fp32`."""
+    """{"b<B> <path>": errors and "seconds"} for each of `case.paths` of `impl` against the reference,
+    and in bf16 also `b<B> reference vs fp32` and `b<B> graph vs fp32` for each graph batch.
+
+    Where the time goes: a path's "seconds" include compiling the kernel variants it is the first to
+    run; "reference" holds the reference runs' seconds, "compilation" the count and seconds of the
+    Triton compilations of the whole case, "total" its wall time."""
+    started = time.perf_counter()
+    with CompileLog() as compiled:
+        results = _measure_steps(case, impl, device)
+    results["compilation"] = {"kernel_variants": float(sum(compiled.variants.values())), "seconds": compiled.seconds}
+    results["total"] = {"seconds": time.perf_counter() - started}
+    return results
+
+
+def _measure_steps(case: StepCase, impl: str, device: str) -> dict[str, dict[str, float]]:
     torch.manual_seed(case.seed)
     reference = build_backbone(case.config, device, case.dtype, impl="reference")
     model = like(reference, impl)
-    exact = copy.deepcopy(reference).float() if case.dtype != torch.float32 else None
     vocab = case.config.vocab_size
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    prompt = torch.randint(0, vocab, (case.batch, case.prefill_len), generator=gen).to(device)
+    decode = torch.randint(0, vocab, (case.batch, case.steps), generator=gen).to(device)
     results: dict[str, dict[str, float]] = {}
-    for batch in case.batches:
-        gen = torch.Generator().manual_seed(case.seed + batch)
-        prompt = torch.randint(0, vocab, (batch, case.prefill_len), generator=gen).to(device)
-        decode = torch.randint(0, vocab, (batch, case.steps), generator=gen).to(device)
-        start = reference.allocate_state(batch)
-        with torch.inference_mode():
-            reference(prompt, start)
-        want = decode_steps(reference, start, decode)
-        results[f"b{batch} eager"] = decode_errors(*decode_steps(model, start, decode), *want)
-        decoder = CapturedDecoder(model, max_batch=batch)
-        graphed = decode_steps(model, start, decode, decoder)
-        results[f"b{batch} graph"] = decode_errors(*graphed, *want)
-        del decoder
-        for name, captured, ping_pong in (("rows", False, False), ("rows graph", True, False),
-                                          ("rows to other rows", False, True), ("rows to other rows graph", True, True)):
-            logits, final, changed = rows_steps(model, start, decode, captured, ping_pong)
-            results[f"b{batch} {name}"] = {**decode_errors(logits, final, *want), "unused_rows_changed": changed}
-        if exact is not None:
-            truth = decode_steps(exact, RecurrentState(start.conv.float(), start.ssm.float()), decode)
-            results[f"b{batch} reference vs fp32"] = decode_errors(*want, *truth)
-            results[f"b{batch} graph vs fp32"] = decode_errors(*graphed, *truth)
-        torch.cuda.empty_cache()
+
+    clock = time.perf_counter()
+    start = reference.allocate_state(case.batch)
+    with torch.inference_mode():
+        reference(prompt, start)
+    want = decode_steps(reference, start, decode)
+    if case.dtype != torch.float32:
+        # the same bf16-rounded weights run in fp32, at the graph batches: the size of bf16 noise
+        exact = copy.deepcopy(reference).float()
+        rows = slice(0, max(case.graph_batches))
+        truth = decode_steps(exact, RecurrentState(start.conv[:, rows].float(), start.ssm[:, rows].float()),
+                             decode[rows])
+        del exact
+    want[0].sum().item()   # waits for the reference's kernels
+    results["reference"] = {"seconds": time.perf_counter() - clock}
+
+    def record(name: str, batch: int, run: tuple[torch.Tensor, RecurrentState], clock: float, **extra: float) -> None:
+        results[name] = {**decode_errors(*run, *first_rows(want, batch)), **extra,   # .item(): waits for the GPU
+                         "seconds": time.perf_counter() - clock}
+
+    for batch in case.eager_batches:
+        clock = time.perf_counter()
+        record(f"b{batch} eager", batch, decode_steps(model, start.rows(slice(0, batch)), decode[:batch]), clock)
+
+    clock = time.perf_counter()   # the first graph batch's seconds hold the capture of every bucket
+    decoder = CapturedDecoder(model, max_batch=max(case.graph_batches))
+    for batch in case.graph_batches:
+        graphed = decode_steps(model, start.rows(slice(0, batch)), decode[:batch], decoder)
+        record(f"b{batch} graph", batch, graphed, clock)
+        if case.dtype != torch.float32:
+            results[f"b{batch} reference vs fp32"] = decode_errors(*first_rows(want, batch), *first_rows(truth, batch))
+            results[f"b{batch} graph vs fp32"] = decode_errors(*graphed, *first_rows(truth, batch))
+        clock = time.perf_counter()
+    del decoder
+
+    batch = case.rows_batch
+    for name, captured, ping_pong in ROWS_PATHS:
+        clock = time.perf_counter()
+        logits, final, changed = rows_steps(model, start.rows(slice(0, batch)), decode[:batch], captured, ping_pong)
+        record(f"b{batch} {name}", batch, (logits, final), clock, unused_rows_changed=changed)
+    torch.cuda.empty_cache()
     return results
 
 
@@ -329,7 +432,7 @@ def environment() -> dict[str, str]:
 
 
 STEP_COLUMNS = ("decode_logits", "decode_logits_worst_step", "final_conv", "final_ssm", "decode_top1_agreement",
-                "unused_rows_changed")
+                "unused_rows_changed", "kernel_variants", "seconds")
 
 
 def to_markdown(env: dict[str, str], cases: dict[str, dict[str, dict[str, float]]],
@@ -352,6 +455,7 @@ def to_markdown(env: dict[str, str], cases: dict[str, dict[str, dict[str, float]
         for case, comparisons in steps.items():
             for name, errs in comparisons.items():
                 cells = ["-" if c not in errs else f"{errs[c]:.4f}" if c == "decode_top1_agreement"
+                         else f"{errs[c]:.0f}" if c == "kernel_variants" else f"{errs[c]:.1f}" if c == "seconds"
                          else f"{errs[c]:.2e}" for c in STEP_COLUMNS]
                 lines.append(f"| {case} | {name} | " + " | ".join(cells) + " |")
     if timings:

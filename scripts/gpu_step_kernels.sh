@@ -5,8 +5,9 @@
 #   scripts/gpu_step_kernels.sh OUT_DIR PART[:SECONDS] ...  # chosen parts (and budgets)
 #
 # part (default budget, s)  what                                                          writes to OUT_DIR
-#   tests   (140)  tests/gpu/test_step_kernels_gpu.py: the step kernels vs the reference,   step_parity.{json,md}
-#                  fp32 and bf16, 256 steps, batch 1/16/64, in place, captured, by row index
+#   tests   (100)  tests/gpu/test_step_kernels_gpu.py: the step kernels vs the reference,   step_parity.{json,md}
+#                  fp32 (256 steps) and bf16 (128), in place at batch 1/16/64, captured
+#                  at 1/16, by row index at 16; each path's seconds and the compilations
 #   profile  (40)  scripts/profile_step.py: kernels per step, time per kernel class, step   profile_step.{json,md}
 #                  time, fused (before) and fused_step (after), batch 1/16/64
 #   bench   (110)  crsm bench --sections engine baselines deliberation: the engine on       bench/, benchmarks.md
@@ -26,7 +27,7 @@ shift
 [ $# -gt 0 ] || set -- tests profile bench
 mkdir -p "$out"
 export OUT="$out" PYTHONPATH=.
-declare -A budget=([tests]=140 [profile]=40 [bench]=110 [parity]=300 [engine]=300 [timing]=120)
+declare -A budget=([tests]=100 [profile]=40 [bench]=110 [parity]=300 [engine]=300 [timing]=120)
 status=0
 : >"$out/summary.txt"
 for arg in "$@"; do

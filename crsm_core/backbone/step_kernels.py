@@ -103,7 +103,13 @@ def _silu(x):
     return x / (1.0 + tl.exp(-x))
 
 
-@triton.jit
+# Compiled once per tile size and dtype, not per batch: M only bounds masks, and the token and row
+# vectors are read one entry per row (their alignment varies with where a caller slices them), so
+# Triton does not specialize on either (the captured buckets 2, 4, 8, 16 share one BLOCK_M 16 kernel).
+INDEX_VECTORS = ["tokens_ptr", "src_rows_ptr", "dst_rows_ptr"]
+
+
+@triton.jit(do_not_specialize=["M"], do_not_specialize_on_alignment=INDEX_VECTORS)
 def _rms_proj_kernel(
         a_ptr, stride_a, tokens_ptr, norm_w_ptr, w_ptr, stride_w, out_ptr, stride_out, res_ptr, stride_res,
         conv_w_ptr, conv_b_ptr, conv_src_ptr, conv_dst_ptr, src_rows_ptr, dst_rows_ptr, sc0, sc1, sc2,
@@ -185,7 +191,7 @@ def _rms_proj_kernel(
     tl.store(out_ptr + ms[:, None].to(tl.int64) * stride_out + ns[None, :], out, mask=out_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_VECTORS[1:])
 def _ssm_kernel(
         act_ptr, stride_act, dt_bias_ptr, a_log_ptr, d_ptr, ssm_src_ptr, ssm_dst_ptr, src_rows_ptr, dst_rows_ptr,
         ss0, ss1, ss2, ss3, gated_ptr, stride_gated,
@@ -223,7 +229,7 @@ def _ssm_kernel(
     tl.store(gated_ptr + m * stride_gated + h * P + ps, y * _silu(z), mask=p_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gated_proj_kernel(
         g_ptr, stride_g, norm_w_ptr, w_ptr, stride_w, res_ptr, stride_res,
         M, N, eps, K: tl.constexpr, group_size: tl.constexpr,
