@@ -137,9 +137,14 @@ def test_targets_and_markdown(quick_run):
     targets = {t["name"]: t for t in data["targets"]}
     assert len(targets) == 6 + 4 * len(PLANNER_MODES)
     against_mamba = {"engine ITL p50, 1 session, vs mamba_ssm generate", "engine throughput, 64 sessions, vs mamba_ssm generate"}
+    rows = {f"planners ({r['planner_mode']}), {r['sessions']} sessions: landing ratio": r
+            for r in data["sections"]["deliberation"]["result"]["rows"]}
     for name, t in targets.items():  # every section ran, so every target has its number and a verdict...
         if name in against_mamba:    # ...but those against mamba_ssm, whose baseline --quick skips
             assert t["measured"] is None and t["met"] is None and t["margin"] == "not measured"
+        elif name in rows and rows[name]["counters"].get("produced", 0) == rows[name]["counters"].get("vetoed", 0):
+            # ...and the landing ratio where no plan of the quick run was judged (all cancelled or vetoed)
+            assert t["measured"] is None and t["met"] is None and rows[name]["landing_ratio"] is None
         else:
             assert t["measured"] is not None and t["met"] in (True, False) and t["margin"]
     assert targets["engine ITL p50, 1 session"]["measured"] == \
