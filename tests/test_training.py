@@ -286,6 +286,13 @@ def test_tiny_eval_writes_the_table(tiny_run, tmp_path):
     assert "(c) synchronous deliberation" in text and "## Dynamics fidelity" in text
     assert "## Value heads: quality at every answer position" in text and "Sibling-ranking AUC" in text
 
+    # --families and --modes choose what runs
+    one = tmp_path / "arithmetic.md"
+    assert crsm_main(["eval", "--config", str(TINY), "--out-dir", str(out), "--prompts", "4", "--out", str(one),
+                      "--families", "arithmetic", "--modes", "greedy"]) == 0
+    summary = json.loads(one.with_suffix(".json").read_text())["summary"]
+    assert set(summary) == {"arithmetic"} and set(summary["arithmetic"]) == {"greedy"}
+
 
 def test_open_loop_loss_of_one_step_is_the_distillation_loss(random_model):
     from crsm_core.dynamics import DynamicsConfig, LatentDynamics, distillation_loss

@@ -190,7 +190,7 @@ def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, 
     device = resolve_device(cfg)
     crsm = CRSMModel.from_pretrained(model_dir, device=device)
     base = crsm.config
-    families: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
     try:
         for family in families or cfg.tasks.families:
             prompt_list = heldout_prompts(cfg.tasks, prompts or e.prompts, cfg.seed, family)
@@ -215,7 +215,7 @@ def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, 
                                                                e.temperature, cfg.seed + 1)
                 results["oracle"] = sampled_mode("oracle", verdicts, sessions, wall, tokens,
                                                  {"k": e.oracle_k, "temperature": e.temperature})
-            families[family] = summarize(results)
+            summaries[family] = summarize(results)
     finally:
         crsm.close()
     doc = out or Path(e.out)
@@ -223,9 +223,9 @@ def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, 
             "prompts": prompts or e.prompts, "max_new_tokens": e.max_new_tokens, "task": asdict(cfg.tasks),
             "lead_window": e.lead_window, "deliberation": asdict(base),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    write_markdown(doc, meta, families, model_dir)
-    (doc.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": families}, indent=2) + "\n")
-    return {"meta": meta, "summary": families}
+    write_markdown(doc, meta, summaries, model_dir)
+    (doc.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": summaries}, indent=2) + "\n")
+    return {"meta": meta, "summary": summaries}
 
 
 def equal_time_n(results: dict[str, ModeResult]) -> int:
