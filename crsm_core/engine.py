@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARKED_POLL_S = 0.05   # how often a generator with only parked sessions checks their time-outs
+INT64_MAX = 2**63 - 1
 
 
 class QueueFull(RuntimeError):
@@ -363,6 +364,11 @@ class Engine:
         if not 1 <= request.max_tokens <= c.max_new_tokens:
             raise RequestError(f"max_tokens must be in [1, {c.max_new_tokens}], got {request.max_tokens}",
                                "max_tokens")
+        # Every integer that reaches a tensor is bounded here: past int64 it would fail on the generator
+        # thread, in the middle of an admission (the seed is kept to its 64 bits by SamplingParams).
+        if not 0 <= request.sampling.top_k <= INT64_MAX:
+            raise RequestError(f"top_k must be in [0, {INT64_MAX}] (0: off; above the vocabulary size: every "
+                               f"token), got {request.sampling.top_k}", "top_k")
         if request.deliberation is not None:
             if self._deliberator_factory is None:
                 raise RequestError("deliberation is not available on this server", "deliberation")
@@ -386,18 +392,6 @@ class Engine:
                 raise EngineClosed("the server is shutting down")
             if len(self._waiting) + len(sessions) > self.config.queue_size:
                 raise QueueFull(len(self._waiting), self.config.retry_after_s)
-            made: list[SessionDeliberator] = []
-            try:
-                for session in sessions:
-                    if session.request.deliberation is not None:
-                        session.deliberator = self._deliberator_factory(session)
-                        made.append(session.deliberator)
-            except Exception:
-                for deliberator in made:
-                    deliberator.close(0)
-                raise
-            with self._planner_lock:
-                self._open_planners += len(made)
             self._waiting.extend(sessions)
             self._cond.notify()
         return sessions
@@ -557,15 +551,26 @@ class Engine:
             session._prefilled += n
             budget -= n
             if session._prefilled == len(prompt):
-                self._prefilling.popleft()
                 self._start_running(session, logits)
 
     def _start_running(self, session: Session, logits: torch.Tensor) -> None:
-        """logits: [1, V] at the last prompt position. Takes the next row of the contiguous pool."""
+        """logits: [1, V] at the last prompt position. Takes the next row of the contiguous pool and, for
+        a deliberating session, makes its planner. Whatever fails here ends this session alone: it is
+        still in `_prefilling` until it runs, so `_end` finds it (and closes a planner already made)."""
         row = len(self._running)
-        self.pool.rows(slice(row, row + 1)).copy_(self._prefill.scratch)
-        self._logits[row].copy_(logits[0])
-        self._sampler.set_row(row, session.request.sampling, session.seed)
+        try:
+            if session.request.deliberation is not None:
+                session.deliberator = self._deliberator_factory(session)
+                with self._planner_lock:
+                    self._open_planners += 1
+            self.pool.rows(slice(row, row + 1)).copy_(self._prefill.scratch)
+            self._logits[row].copy_(logits[0])
+            self._sampler.set_row(row, session.request.sampling, session.seed)
+        except Exception:
+            log.exception("session %s: starting it failed; ending it", session.id)
+            self._end(session, error=ErrorEvent("internal error while starting the generation", "internal_error"))
+            return
+        self._prefilling.remove(session)
         session.row = row
         session.status = SessionStatus.RUNNING
         self._running.append(session)
@@ -608,13 +613,21 @@ class Engine:
         if sampled is not None:
             sampled.synchronize()                       # the tokens, not the step just queued
         now = time.perf_counter()
-        finished: list[tuple[Session, str]] = []
+        finished: list[tuple[Session, str | None]] = []   # (session, finish reason; None: it failed)
         for session, token in zip(self._running, host.tolist()):
-            reason = self._take_token(session, suggestions.get(session, token), now)
+            try:
+                reason = self._take_token(session, suggestions.get(session, token), now)
+            except Exception:  # one session's detokenising or stop matching must not end the batch
+                log.exception("session %s: taking its token failed; ending it", session.id)
+                finished.append((session, None))
+                continue
             if reason is not None:
                 finished.append((session, reason))
         for session, reason in sorted(finished, key=lambda f: -f[0].row):
-            self._end(session, reason=reason)
+            if reason is None:
+                self._end(session, error=ErrorEvent("internal error during generation", "internal_error"))
+            else:
+                self._end(session, reason=reason)
 
     def _place_rides(self, rides: list[_Ride], n: int) -> int:
         """Copy the rides' rows into pool rows [n, n + K) and their tokens after the running rows' ones."""

@@ -8,9 +8,11 @@ import torch
 
 from crsm_core.backbone import MambaLM
 from crsm_core.config import tiny_config
+from crsm_core.deliberation import DeliberationConfig
 from crsm_core.engine import (DoneEvent, Engine, EngineClosed, EngineConfig, ErrorEvent, GenerationRequest,
                               QueueFull, RequestError, TokenEvent)
 from crsm_core.sampling import SamplingParams, SamplingTable
+from crsm_core.stopping import StopMatcher
 from crsm_core.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -261,5 +263,64 @@ async def test_a_failing_prefill_ends_only_its_session(model):
                                                     SamplingParams(seed=1))
         assert (await engine.submit(request("later", 5, ignore_eos=True)).collect()).done.usage.completion_tokens == 5
         assert engine.num_active == 0 and engine.num_waiting == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_session_failing_as_it_starts_ends_alone(model):
+    # A planner that cannot be made for one prompt: the failure comes after that session's prefill, as it
+    # takes a row of the batch (where an overflowing sampling parameter failed too), beside sessions that
+    # are decoding, prefilling and waiting.
+    doomed = tuple(TOKENIZER.encode("no planner for me"))
+
+    def planner_for(session):
+        assert session.request.prompt_ids == doomed, "only the doomed session deliberates"
+        raise RuntimeError("the planner failed on purpose")
+
+    engine = Engine(model, TOKENIZER, EngineConfig(max_sessions=3, prefill_chunk=8), deliberator_factory=planner_for)
+    engine.start()
+    try:
+        running = engine.submit(request("already streaming", 30, seed=1, ignore_eos=True))
+        running_events = running.stream()
+        assert isinstance(await anext(running_events), TokenEvent)
+        specs = ["before it", "no planner for me", "after it, waiting for a slot"]
+        sessions = engine.submit_all([request(p, 12, seed=i, ignore_eos=True,
+                                              deliberation=DeliberationConfig() if i == 1 else None)
+                                      for i, p in enumerate(specs)])
+        for i, (prompt, session) in enumerate(zip(specs, sessions)):
+            final = [e async for e in session.stream()][-1]
+            if i == 1:
+                assert isinstance(final, ErrorEvent) and final.code == "internal_error", final
+                assert session.tokens == []
+            else:
+                assert isinstance(final, DoneEvent) and final.finish_reason == "length", final
+                assert session.tokens == reference_generate(model, TOKENIZER.encode(prompt), 12,
+                                                            SamplingParams(seed=i))
+        assert isinstance([e async for e in running_events][-1], DoneEvent)
+        assert running.tokens == reference_generate(model, TOKENIZER.encode("already streaming"), 30,
+                                                    SamplingParams(seed=1))
+        assert engine.num_active == engine.num_waiting == engine.num_planners == 0
+    finally:
+        await engine.shutdown()
+
+
+class FailingStopMatch(StopMatcher):
+    def push(self, text):
+        raise RuntimeError("stop matching failed on purpose")
+
+
+async def test_a_session_failing_on_its_token_ends_alone(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=4))
+    try:
+        with engine._cond:   # the generator admits nothing before the matcher is in place
+            sessions = engine.submit_all([request(f"stream {i}", 20, seed=i, ignore_eos=True) for i in range(3)])
+            sessions[1]._stops = FailingStopMatch(())   # as a detokeniser raising on one session's token
+        finals = [[e async for e in s.stream()][-1] for s in sessions]
+        assert isinstance(finals[1], ErrorEvent) and finals[1].code == "internal_error"
+        for i in (0, 2):
+            assert isinstance(finals[i], DoneEvent) and finals[i].finish_reason == "length"
+            assert sessions[i].tokens == reference_generate(model, TOKENIZER.encode(f"stream {i}"), 20,
+                                                            SamplingParams(seed=i))
+        assert engine.num_active == 0
     finally:
         await engine.shutdown()
