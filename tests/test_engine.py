@@ -324,3 +324,61 @@ async def test_a_session_failing_on_its_token_ends_alone(model):
         assert engine.num_active == 0
     finally:
         await engine.shutdown()
+
+
+class CountedPrefill(MambaLM):
+    """A backbone that records the shape of every prefill call: [B, T] of ids."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls: list[tuple[int, int]] = []
+
+    def prefill(self, ids, state):
+        self.calls.append(tuple(ids.shape))
+        return super().prefill(ids, state)
+
+
+def counted_copy(model: MambaLM) -> CountedPrefill:
+    counted = CountedPrefill(model.config).eval()
+    counted.load_state_dict(model.state_dict())
+    return counted
+
+
+async def test_prompts_arriving_together_are_prefilled_in_one_batch(model):
+    counted = counted_copy(model)
+    engine = await run_engine(counted, EngineConfig(max_sessions=16, prefill_chunk=256))
+    try:
+        prompts = [f"short prompt {i:03d}" if i % 2 else f"prompt {i:05d}" for i in range(16)]  # 16 and 12 tokens
+        assert sorted({len(p) for p in prompts}) == [12, 16]
+        sessions = engine.submit_all([request(p, 6, seed=i, ignore_eos=True) for i, p in enumerate(prompts)])
+        results = await asyncio.gather(*(s.collect() for s in sessions))
+        for i, (prompt, result) in enumerate(zip(prompts, results)):
+            assert result.token_ids == reference_generate(model, TOKENIZER.encode(prompt), 6, SamplingParams(seed=i))
+        # one iteration: each piece length once (16 for the longer prompts, 8 + 4 for the others), over all
+        # the prompts that have such a piece; one prompt at a time it took 16 calls
+        assert counted.calls == [(8, 16), (8, 8), (8, 4)]
+        # and all 16 took their first token in the same decode round
+        assert len({s.token_times[0] for s in sessions}) == 1
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_short_prompt_behind_long_ones_is_not_kept_waiting(model):
+    counted = counted_copy(model)
+    engine = await run_engine(counted, EngineConfig(max_sessions=4, prefill_chunk=16))
+    try:
+        longs = [list(range(i, 200 + i)) for i in range(3)]      # 13 iterations of prefill each, in turn
+        sessions = engine.submit_all([request(p, 3, seed=i, ignore_eos=True) for i, p in enumerate(longs)]
+                                     + [request("short", 5, seed=9, ignore_eos=True)])
+        results = await asyncio.gather(*(s.collect() for s in sessions))
+        *long_sessions, short = sessions
+        # the short prompt, admitted last, was prefilled and had all its tokens before any long one's first
+        first_long_token = min(s.token_times[0] for s in long_sessions)
+        assert short.token_times[-1] < first_long_token
+        for i, (prompt, result) in enumerate(zip(longs + [TOKENIZER.encode("short")], results)):
+            assert result.token_ids == reference_generate(model, prompt, len(result.token_ids),
+                                                          SamplingParams(seed=9 if i == 3 else i))
+        # the long prompts were chunked (at most 16 tokens a call) and the oldest kept going meanwhile
+        assert all(rows * length <= 16 for rows, length in counted.calls)
+    finally:
+        await engine.shutdown()
