@@ -139,7 +139,8 @@ class DoneEvent:
 @dataclass(frozen=True)
 class ErrorEvent:
     message: str
-    code: str                     # "shutdown" | "internal_error"
+    code: str                     # "shutdown" | "queue_timeout" | "internal_error"
+    retry_after_s: int | None = None   # when trying again later may succeed ("queue_timeout")
 
 
 # Makes a deliberating session's planner (crsm_core.deliberation.SessionDeliberator), when it is admitted.
@@ -396,7 +397,15 @@ class Engine:
         return self.submit_all([request])[0]
 
     def submit_all(self, requests: list[GenerationRequest]) -> list[Session]:
-        """Queue sessions, all or none. Call from the event loop. Raises RequestError, QueueFull, EngineClosed."""
+        """Queue the sessions of one request, all or none. Call from the event loop. Raises RequestError
+        (a request that could never be queued whole too: it is not worth retrying), QueueFull,
+        EngineClosed."""
+        c = self.config
+        if len(requests) > min(c.max_request_sessions, c.queue_size):
+            limit = ("a request may start at most {} sessions (n x prompts)".format(c.max_request_sessions)
+                     if len(requests) > c.max_request_sessions
+                     else "the queue holds {} sessions".format(c.queue_size))
+            raise RequestError(f"{limit}; this one asks for {len(requests)}", "n")
         for request in requests:
             self.validate(request)
         loop = asyncio.get_running_loop()
@@ -496,9 +505,10 @@ class Engine:
         with torch.inference_mode(), self._lane.active():
             while True:
                 with self._cond:
-                    while not self._stopping and not (self._waiting or self._prefilling or self._running
+                    while not self._stopping and not (self._admittable() or self._prefilling or self._running
                                                       or self._rides or self._parked_ready()):
-                        # parked sessions are woken by their plan's result; the timeout bounds their wait
+                        # parked sessions are woken by their plan's result; the timeout bounds their wait,
+                        # and the queue deadlines of sessions waiting for the slots they hold
                         self._cond.wait(timeout=PARKED_POLL_S if self._parked else None)
                     if self._stopping:
                         break
@@ -522,8 +532,15 @@ class Engine:
                 self._end(session, error=ErrorEvent("the server is shutting down", "shutdown"))
         log.info("generator stopped")
 
+    def _admittable(self) -> bool:
+        """Waiting sessions that admission would act on: a free slot, or a cancellation to end."""
+        return bool(self._waiting) and (self.num_active < self.config.max_sessions
+                                        or any(s.cancelled for s in self._waiting))
+
     def _admit_locked(self) -> None:
+        """Waiting sessions take the free slots, in order; those past their queue deadline end."""
         kept: deque[Session] = deque()
+        now = time.perf_counter()
         while self._waiting:
             session = self._waiting.popleft()
             if session.cancelled:
@@ -534,6 +551,10 @@ class Engine:
                 session._prefill_row = self._free_prefill_rows.pop()
                 self._prefill.begin(session._prefill_row)
                 self._prefilling.append(session)
+            elif now - session.submitted_at >= self.config.queue_timeout_s:
+                self._end(session, error=ErrorEvent(
+                    f"the server is busy: no slot came free within {self.config.queue_timeout_s:g} s",
+                    "queue_timeout", self.config.retry_after_s))
             else:
                 kept.append(session)
         self._waiting.extend(kept)

@@ -382,3 +382,48 @@ async def test_a_short_prompt_behind_long_ones_is_not_kept_waiting(model):
         assert all(rows * length <= 16 for rows, length in counted.calls)
     finally:
         await engine.shutdown()
+
+
+async def test_a_request_that_could_never_be_queued_whole_is_refused_as_invalid(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=1, queue_size=4, max_request_sessions=3,
+                                                  max_new_tokens=ENDLESS))
+    try:
+        with pytest.raises(RequestError) as too_many:   # over the per-request cap
+            engine.submit_all([request("x", 2) for _ in range(4)])
+        assert too_many.value.param == "n" and "at most 3 sessions" in str(too_many.value)
+        wide = Engine(model, TOKENIZER, EngineConfig(max_sessions=1, queue_size=4, max_request_sessions=8))
+        with pytest.raises(RequestError) as never_fits:   # within the cap, but more than the whole queue
+            wide.submit_all([request("x", 2) for _ in range(5)])
+        assert never_fits.value.param == "n" and "the queue holds 4" in str(never_fits.value)
+        # one that fits the queue but not now is the retryable refusal
+        running = engine.submit(request("x", ENDLESS, ignore_eos=True))
+        waiting = engine.submit_all([request("y", 2) for _ in range(2)])
+        with pytest.raises(QueueFull):
+            engine.submit_all([request("z", 2) for _ in range(3)])
+        assert engine.num_waiting + engine.num_active == 3
+        for session in [running, *waiting]:
+            session.cancel()
+            await session.collect()
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_session_that_finds_no_slot_in_time_ends_with_queue_timeout(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=1, queue_timeout_s=0.2, retry_after_s=4,
+                                                  max_new_tokens=ENDLESS))
+    try:
+        running = engine.submit(request("holds the slot", ENDLESS, ignore_eos=True))
+        while not running.tokens:
+            await asyncio.sleep(0.001)
+        late = engine.submit(request("waits too long", 4))
+        events = [e async for e in late.stream()]
+        assert len(events) == 1 and isinstance(events[0], ErrorEvent), events
+        assert events[0].code == "queue_timeout" and events[0].retry_after_s == 4
+        assert late.tokens == [] and engine.num_waiting == 0
+        assert running.finish_reason is None          # the session holding the slot is untouched
+        running.cancel()
+        assert (await running.collect()).done.finish_reason == "cancelled"
+        # a session that gets its slot in time is served
+        assert (await engine.submit(request("on time", 4, ignore_eos=True)).collect()).done.finish_reason == "length"
+    finally:
+        await engine.shutdown()
