@@ -402,9 +402,8 @@ class Engine:
         EngineClosed."""
         c = self.config
         if len(requests) > min(c.max_request_sessions, c.queue_size):
-            limit = ("a request may start at most {} sessions (n x prompts)".format(c.max_request_sessions)
-                     if len(requests) > c.max_request_sessions
-                     else "the queue holds {} sessions".format(c.queue_size))
+            limit = (f"a request may start at most {c.max_request_sessions} sessions (n x prompts)"
+                     if len(requests) > c.max_request_sessions else f"the queue holds {c.queue_size} sessions")
             raise RequestError(f"{limit}; this one asks for {len(requests)}", "n")
         for request in requests:
             self.validate(request)
