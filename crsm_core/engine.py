@@ -65,11 +65,6 @@ PARKED_POLL_S = 0.05   # how often a generator with only parked sessions checks 
 INT64_MAX = 2**63 - 1
 
 
-def _binary_pieces(n: int) -> tuple[int, ...]:
-    """n as a sum of distinct powers of two, largest first: 44 -> (32, 8, 4)."""
-    return tuple(1 << b for b in reversed(range(n.bit_length())) if n >> b & 1)
-
-
 class QueueFull(RuntimeError):
     """The waiting queue is full; try again after `retry_after_s`."""
 
@@ -504,7 +499,7 @@ class Engine:
         with torch.inference_mode(), self._lane.active():
             while True:
                 with self._cond:
-                    while not self._stopping and not (self._admittable() or self._prefilling or self._running
+                    while not self._stopping and not (self._running or self._prefilling or self._admittable()
                                                       or self._rides or self._parked_ready()):
                         # parked sessions are woken by their plan's result; the timeout bounds their wait,
                         # and the queue deadlines of sessions waiting for the slots they hold
@@ -567,13 +562,15 @@ class Engine:
             self._end(session, reason="cancelled")
 
     def _prefill_some(self) -> None:
-        """This iteration's prompt tokens (`_share_budget`), cut into pieces of the prefill's lengths
-        (powers of two, largest first); the pieces of one length of every prompt are one batched prefill,
-        so an iteration makes at most one backbone call per length, however many prompts it serves."""
-        sessions = list(self._prefilling)
-        pieces = {s: _binary_pieces(n) for s, n in self._share_budget().items()}
-        for n in self._prefill.lengths:
-            group = [s for s in sessions if n in pieces.get(s, ()) and s.status is SessionStatus.PREFILLING]
+        """This iteration's prompt tokens (`_share_budget`), cut into pieces (`CapturedPrefill.pieces`:
+        powers of two, largest first, or off CUDA the shares themselves when that makes fewer calls); the
+        pieces of one length of every prompt are one batched prefill, so an iteration makes at most one
+        backbone call per piece length (log2(prefill_chunk) + 1), however many prompts it serves."""
+        grants = self._share_budget()
+        sessions = list(grants)                                   # admission order
+        pieces = dict(zip(sessions, self._prefill.pieces([grants[s] for s in sessions])))
+        for n in sorted({p for ps in pieces.values() for p in ps}, reverse=True):
+            group = [s for s in sessions if n in pieces[s] and s.status is SessionStatus.PREFILLING]
             limit = self._prefill.max_batch(n)
             for start in range(0, len(group), limit):
                 self._feed(group[start:start + limit], n)

@@ -348,17 +348,22 @@ async def test_prompts_arriving_together_are_prefilled_in_one_batch(model):
     counted = counted_copy(model)
     engine = await run_engine(counted, EngineConfig(max_sessions=16, prefill_chunk=256))
     try:
-        prompts = [f"short prompt {i:03d}" if i % 2 else f"prompt {i:05d}" for i in range(16)]  # 16 and 12 tokens
-        assert sorted({len(p) for p in prompts}) == [12, 16]
+        prompts = [f"p{i:02d}" + "x" * (i + 5) for i in range(16)]   # 8 to 23 tokens: 248, within the budget
+        assert sorted(len(p) for p in prompts) == list(range(8, 24))
         sessions = engine.submit_all([request(p, 6, seed=i, ignore_eos=True) for i, p in enumerate(prompts)])
         results = await asyncio.gather(*(s.collect() for s in sessions))
         for i, (prompt, result) in enumerate(zip(prompts, results)):
             assert result.token_ids == reference_generate(model, TOKENIZER.encode(prompt), 6, SamplingParams(seed=i))
-        # one iteration: each piece length once (16 for the longer prompts, 8 + 4 for the others), over all
-        # the prompts that have such a piece; one prompt at a time it took 16 calls
-        assert counted.calls == [(8, 16), (8, 8), (8, 4)]
+        # one iteration: each prompt cut into powers of two, the pieces of one length of all the prompts one
+        # call (16, 8, 4, 2, 1); one prompt at a time (or one call per distinct length) it took 16 calls
+        assert [length for _, length in counted.calls] == [16, 8, 4, 2, 1]
+        assert counted.calls[0] == (8, 16) and sum(rows * length for rows, length in counted.calls) == 248
         # and all 16 took their first token in the same decode round
         assert len({s.token_times[0] for s in sessions}) == 1
+        # a prompt alone is one call (eagerly, as here), not one per power of two in its length
+        counted.calls.clear()
+        await engine.submit(request("x" * 23, 2, ignore_eos=True)).collect()
+        assert counted.calls == [(1, 23)]
     finally:
         await engine.shutdown()
 

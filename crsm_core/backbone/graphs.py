@@ -164,15 +164,19 @@ def default_piece_lengths(max_piece: int) -> tuple[int, ...]:
     return tuple(lengths)
 
 
+def binary_pieces(n: int) -> tuple[int, ...]:
+    """n as a sum of distinct powers of two, largest first: 44 -> (32, 8, 4)."""
+    return tuple(1 << b for b in reversed(range(n.bit_length())) if n >> b & 1)
+
+
 class CapturedPrefill:
     """Batched prefill of many prompts, each in its own row of a prefill pool, in pieces of bucket
     lengths, from graphs.
 
-    `feed(rows, ids)` advances the pool rows `rows` by one piece each, the same length n for all
-    (n one of `lengths`: max_piece, max_piece / 2, ..., 1), in one backbone prefill: the rows are
-    gathered, prefilled as one [B, n] batch and scattered back, so a call that fails leaves the pool as
-    it was. A caller with prompts of different lengths splits each into pieces of these lengths and
-    feeds the pieces of one length together.
+    `feed(rows, ids)` advances the pool rows `rows` by one piece each, the same length n for all, in
+    one backbone prefill: the rows are gathered, prefilled as one [B, n] batch and scattered back, so a
+    call that fails leaves the pool as it was. A caller with prompts of different lengths cuts each into
+    pieces (`pieces`) and feeds the pieces of one length together, longest first.
 
     On CUDA a call replays the graph of (n, the smallest batch bucket >= B); buckets go up to
     `budget // n` rows, the most a budget of `budget` tokens per iteration gives one length. The
@@ -182,7 +186,7 @@ class CapturedPrefill:
         if rows < 1 or budget < 1:
             raise ValueError(f"rows and budget must be >= 1, got {rows} and {budget}")
         self.model = model
-        self.rows = rows
+        self.rows, self.budget = rows, budget
         self.lengths = default_piece_lengths(1 << (budget.bit_length() - 1))
         self.pool = model.allocate_state(rows + 1)   # row `rows`: the junk row of padded buckets
         self.graphed = model.device.type == "cuda"
@@ -201,7 +205,18 @@ class CapturedPrefill:
 
     def max_batch(self, n: int) -> int:
         """The most rows one call with pieces of length n takes."""
-        return self.buckets[n][-1]
+        return self.buckets[n][-1] if self.graphed else self.rows
+
+    def pieces(self, counts: list[int]) -> list[tuple[int, ...]]:
+        """How prompts that get these numbers of tokens now are fed: each one's piece lengths, largest
+        first. The pieces of one length of all the prompts are one call, so of the two ways the one of
+        fewer calls: powers of two (at most len(lengths) calls, whatever the mix of counts), or, off
+        CUDA, where any length runs eagerly, the counts themselves (one call per distinct count: a prompt
+        alone is one call, not one per bit of its length, each costing about a whole eager prefill)."""
+        binary = [binary_pieces(n) for n in counts]
+        if self.graphed or len({p for ps in binary for p in ps}) < len(set(counts)):
+            return binary
+        return [(n,) for n in counts]
 
     def _piece(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """ids: [B, n]; index: [B] pool rows -> logits [B, V]; those rows advanced by n."""
@@ -239,12 +254,15 @@ class CapturedPrefill:
 
     @torch.inference_mode()
     def feed(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
-        """rows: B distinct pool rows; ids: [B, n] long, n one of `lengths` -> logits [B, V] after them
-        (on CUDA a view of a static buffer, valid until the next feed); the rows advance by n."""
+        """rows: B distinct pool rows; ids: [B, n] long (on CUDA n one of `lengths`, elsewhere 1 to
+        `budget`) -> logits [B, V] after them (on CUDA a view of a static buffer, valid until the next
+        feed); the rows advance by n."""
         batch, n = ids.shape
-        if n not in self.buckets or not 1 <= batch <= self.max_batch(n) or len(rows) != batch:
-            raise ValueError(f"a prefill feed takes 1 to {self.max_batch(n) if n in self.buckets else 0} rows of "
-                             f"a piece length in {self.lengths}, got {len(rows)} rows of ids {tuple(ids.shape)}")
+        length_ok = n in self.buckets if self.graphed else 1 <= n <= self.budget
+        if not length_ok or len(rows) != batch or not 1 <= batch <= self.max_batch(n):
+            raise ValueError(f"a prefill feed takes 1 to {self.rows} rows of pieces of "
+                             f"{self.lengths if self.graphed else f'1 to {self.budget}'} tokens, got {len(rows)} "
+                             f"rows of ids {tuple(ids.shape)}")
         if not self.graphed:
             return self._piece(ids.to(self.model.device), torch.tensor(rows, dtype=torch.long))
         bucket = next(b for b in self.buckets[n] if b >= batch)
