@@ -26,6 +26,8 @@ async def test_an_overflowing_top_k_is_refused_and_the_other_streams_finish(mode
             count, final = 0, None
             body = {"prompt": f"concurrent stream {i}", "max_tokens": max_tokens, "seed": i, "ignore_eos": True,
                     "stream": True}
+            if i % 2:   # planners that must all be closed at the end
+                body["deliberation"] = {"enabled": True, "simulations": 4}
             async with http.stream("POST", "/v1/generate", json=body) as r:
                 assert r.status_code == 200
                 async for name, data in aparse_sse(r.aiter_lines()):
@@ -42,7 +44,8 @@ async def test_an_overflowing_top_k_is_refused_and_the_other_streams_finish(mode
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_token)), 30)
             for stream_it in (True, False):
                 bad = await http.post("/v1/generate", json={"prompt": "hello", "max_tokens": 5,
-                                                            "top_k": TOP_K_PAST_INT64, "stream": stream_it})
+                                                            "top_k": TOP_K_PAST_INT64, "stream": stream_it,
+                                                            "deliberation": {"enabled": True}})
                 assert bad.status_code == 400, bad.text
                 error = bad.json()["error"]
                 assert error["param"] == "top_k" and error["type"] == "invalid_request_error", error
