@@ -199,10 +199,6 @@ class CapturedPrefill:
             with torch.inference_mode():
                 self._capture(warmup_steps)
 
-    @property
-    def max_piece(self) -> int:
-        return self.lengths[0]
-
     def max_batch(self, n: int) -> int:
         """The most rows one call with pieces of length n takes."""
         return self.buckets[n][-1] if self.graphed else self.rows
@@ -270,5 +266,7 @@ class CapturedPrefill:
         self._ids[key][:batch].copy_(ids, non_blocking=True)
         self._index[key].fill_(self.rows)
         self._index[key][:batch].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+        if batch < bucket:   # the spare rows prefill the junk row: from zeros, so that it stays finite
+            self.state(self.rows).zero_()
         self._graphs[key].replay()
         return self._logits[key][:batch]
