@@ -2,9 +2,10 @@
 
 One generator thread owns the model. Every iteration it
   1. drops cancelled sessions and admits waiting ones while slots are free,
-  2. prefills up to `prefill_chunk` prompt tokens (a long prompt takes several iterations, so the
-     sessions already streaming keep getting a token every iteration; on CUDA each piece is a graph
-     replay),
+  2. prefills up to `prefill_chunk` prompt tokens, shared among every prompt being prefilled (fewest
+     remaining first) and batched: the pieces of one length of all the prompts are one backbone call
+     (a long prompt takes several iterations, so the sessions already streaming keep getting a token
+     every iteration; on CUDA each call is a graph replay),
   3. runs one decode round for all running sessions, queued on the GPU without waiting for it:
      sample token q of every row from the last logits (on the device), apply due injections and take
      planner snapshots, then one batched decode step `_decode` over pool rows [0, n) (plus, in "ride"
@@ -15,8 +16,12 @@ One generator thread owns the model. Every iteration it
 
 Running sessions always occupy the rows [0, n) of the slot pool: a session that leaves has the last row
 moved into its hole. That is the contract of `CapturedDecoder`, whose graphs (on CUDA) step rows
-[0:bucket] of the pool in place; prompts are prefilled into a separate one-row state and copied into
-row n when they start running, so no live state ever sits beyond the running rows.
+[0:bucket] of the pool in place; prompts are prefilled in a pool of their own (a row per prefilling
+session) and copied into row n when they start running, so no live state ever sits beyond the running
+rows.
+
+Whatever fails for one session (its prefill, taking its row, making its planner, taking a token) ends
+that session alone with an ErrorEvent; a batched prefill that raises is retried session by session.
 
 Positions follow the project convention: position t = tokens consumed so far. The token chosen at
 position t is sampled from the logits produced by the step that consumed token t-1 (or by the
@@ -57,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARKED_POLL_S = 0.05   # how often a generator with only parked sessions checks their time-outs
+INT64_MAX = 2**63 - 1
 
 
 class QueueFull(RuntimeError):
@@ -128,7 +134,8 @@ class DoneEvent:
 @dataclass(frozen=True)
 class ErrorEvent:
     message: str
-    code: str                     # "shutdown" | "internal_error"
+    code: str                     # "shutdown" | "queue_timeout" | "internal_error"
+    retry_after_s: int | None = None   # when trying again later may succeed ("queue_timeout")
 
 
 # Makes a deliberating session's planner (crsm_core.deliberation.SessionDeliberator), when it is admitted.
@@ -196,6 +203,7 @@ class Session:
         self._engine = engine
         # generator-thread state
         self._prefilled = 0
+        self._prefill_row: int | None = None   # its row of the prefill pool while it is prefilled
         self._decoder = IncrementalDecoder(tokenizer)
         self._stops = StopMatcher(request.stop)
 
@@ -293,14 +301,17 @@ class Engine:
             self._host_tokens = torch.zeros(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._sampler = SamplingTable(n, self.device)
         # On CUDA the decode step replays a graph captured per batch-size bucket over pool rows [0:bucket],
-        # and each prefill piece a graph of its length (captured here); elsewhere they run eagerly.
+        # and each batched prefill piece a graph per (length, batch bucket), captured here; elsewhere they
+        # run eagerly. Prompts are prefilled in a pool of their own: the decode graphs step rows past the
+        # running ones too.
         self._stepper = CapturedDecoder(model, max_batch=rows, pool=self.pool)
-        self._prefill = CapturedPrefill(model, max_piece=1 << (config.prefill_chunk.bit_length() - 1))
+        self._prefill = CapturedPrefill(model, rows=n, budget=config.prefill_chunk)
+        self._free_prefill_rows = list(range(n))     # generator thread only
         self._lane = Lane(self.device, "high")
         self._cond = threading.Condition()
         self._waiting: deque[Session] = deque()     # guarded by _cond
         self._rides: deque[_Ride] = deque()         # guarded by _cond
-        self._prefilling: deque[Session] = deque()  # generator thread only
+        self._prefilling: list[Session] = []        # generator thread only, in admission order
         self._running: list[Session] = []           # generator thread only; _running[i].row == i
         self._parked: list[Session] = []            # generator thread only (synchronous deliberation)
         self._accepting = True
@@ -363,6 +374,11 @@ class Engine:
         if not 1 <= request.max_tokens <= c.max_new_tokens:
             raise RequestError(f"max_tokens must be in [1, {c.max_new_tokens}], got {request.max_tokens}",
                                "max_tokens")
+        # Every integer that reaches a tensor is bounded here: past int64 it would fail on the generator
+        # thread, in the middle of an admission (the seed is kept to its 64 bits by SamplingParams).
+        if not 0 <= request.sampling.top_k <= INT64_MAX:
+            raise RequestError(f"top_k must be in [0, {INT64_MAX}] (0: off; above the vocabulary size: every "
+                               f"token), got {request.sampling.top_k}", "top_k")
         if request.deliberation is not None:
             if self._deliberator_factory is None:
                 raise RequestError("deliberation is not available on this server", "deliberation")
@@ -376,7 +392,14 @@ class Engine:
         return self.submit_all([request])[0]
 
     def submit_all(self, requests: list[GenerationRequest]) -> list[Session]:
-        """Queue sessions, all or none. Call from the event loop. Raises RequestError, QueueFull, EngineClosed."""
+        """Queue the sessions of one request, all or none. Call from the event loop. Raises RequestError
+        (a request that could never be queued whole too: it is not worth retrying), QueueFull,
+        EngineClosed."""
+        c = self.config
+        if len(requests) > min(c.max_request_sessions, c.queue_size):
+            limit = (f"a request may start at most {c.max_request_sessions} sessions (n x prompts)"
+                     if len(requests) > c.max_request_sessions else f"the queue holds {c.queue_size} sessions")
+            raise RequestError(f"{limit}; this one asks for {len(requests)}", "n")
         for request in requests:
             self.validate(request)
         loop = asyncio.get_running_loop()
@@ -386,18 +409,6 @@ class Engine:
                 raise EngineClosed("the server is shutting down")
             if len(self._waiting) + len(sessions) > self.config.queue_size:
                 raise QueueFull(len(self._waiting), self.config.retry_after_s)
-            made: list[SessionDeliberator] = []
-            try:
-                for session in sessions:
-                    if session.request.deliberation is not None:
-                        session.deliberator = self._deliberator_factory(session)
-                        made.append(session.deliberator)
-            except Exception:
-                for deliberator in made:
-                    deliberator.close(0)
-                raise
-            with self._planner_lock:
-                self._open_planners += len(made)
             self._waiting.extend(sessions)
             self._cond.notify()
         return sessions
@@ -488,9 +499,10 @@ class Engine:
         with torch.inference_mode(), self._lane.active():
             while True:
                 with self._cond:
-                    while not self._stopping and not (self._waiting or self._prefilling or self._running
+                    while not self._stopping and not (self._running or self._prefilling or self._admittable()
                                                       or self._rides or self._parked_ready()):
-                        # parked sessions are woken by their plan's result; the timeout bounds their wait
+                        # parked sessions are woken by their plan's result; the timeout bounds their wait,
+                        # and the queue deadlines of sessions waiting for the slots they hold
                         self._cond.wait(timeout=PARKED_POLL_S if self._parked else None)
                     if self._stopping:
                         break
@@ -514,8 +526,15 @@ class Engine:
                 self._end(session, error=ErrorEvent("the server is shutting down", "shutdown"))
         log.info("generator stopped")
 
+    def _admittable(self) -> bool:
+        """Waiting sessions that admission would act on: a free slot, or a cancellation to end."""
+        return bool(self._waiting) and (self.num_active < self.config.max_sessions
+                                        or any(s.cancelled for s in self._waiting))
+
     def _admit_locked(self) -> None:
+        """Waiting sessions take the free slots, in order; those past their queue deadline end."""
         kept: deque[Session] = deque()
+        now = time.perf_counter()
         while self._waiting:
             session = self._waiting.popleft()
             if session.cancelled:
@@ -523,7 +542,13 @@ class Engine:
             elif self.num_active < self.config.max_sessions:
                 session.status = SessionStatus.PREFILLING
                 session.admitted_at = time.perf_counter()
+                session._prefill_row = self._free_prefill_rows.pop()
+                self._prefill.begin(session._prefill_row)
                 self._prefilling.append(session)
+            elif now - session.submitted_at >= self.config.queue_timeout_s:
+                self._end(session, error=ErrorEvent(
+                    f"the server is busy: no slot came free within {self.config.queue_timeout_s:g} s",
+                    "queue_timeout", self.config.retry_after_s))
             else:
                 kept.append(session)
         self._waiting.extend(kept)
@@ -537,38 +562,86 @@ class Engine:
             self._end(session, reason="cancelled")
 
     def _prefill_some(self) -> None:
-        """Up to prefill_chunk prompt tokens, sessions in turn (one scratch row: the first session of the
-        queue is finished before the next starts). A prefill that raises ends only its own session."""
+        """This iteration's prompt tokens (`_share_budget`), cut into pieces (`CapturedPrefill.pieces`:
+        powers of two, largest first, or off CUDA the shares themselves when that makes fewer calls); the
+        pieces of one length of every prompt are one batched prefill, so an iteration makes at most one
+        backbone call per piece length (log2(prefill_chunk) + 1), however many prompts it serves."""
+        grants = self._share_budget()
+        sessions = list(grants)                                   # admission order
+        pieces = dict(zip(sessions, self._prefill.pieces([grants[s] for s in sessions])))
+        for n in sorted({p for ps in pieces.values() for p in ps}, reverse=True):
+            group = [s for s in sessions if n in pieces[s] and s.status is SessionStatus.PREFILLING]
+            limit = self._prefill.max_batch(n)
+            for start in range(0, len(group), limit):
+                self._feed(group[start:start + limit], n)
+
+    def _share_budget(self) -> dict[Session, int]:
+        """Prompt tokens each prefilling session gets this iteration, `prefill_chunk` in all: the fewest
+        remaining first, so a short prompt is never queued behind long ones, except that the session
+        admitted first gets at least a quarter of the budget, so short prompts cannot starve a long one."""
         budget = self.config.prefill_chunk
-        while budget > 0 and self._prefilling:
-            session = self._prefilling[0]
-            prompt = session.request.prompt_ids
-            n = min(budget, len(prompt) - session._prefilled, self._prefill.max_piece)
-            try:
-                if session._prefilled == 0:
-                    self._prefill.begin()
-                ids = torch.tensor(prompt[session._prefilled:session._prefilled + n], dtype=torch.long,
-                                   device=self.device)
-                logits = self._prefill.feed(ids)                                 # [1, V]
-            except Exception:
-                log.exception("session %s: prefill failed; ending it", session.id)
-                self._end(session, error=ErrorEvent("internal error during prefill", "internal_error"))
-                continue
+        left = {s: len(s.request.prompt_ids) - s._prefilled for s in self._prefilling}
+        grants = dict.fromkeys(self._prefilling, 0)
+        if not grants:
+            return grants
+        oldest = self._prefilling[0]
+        grants[oldest] = min(left[oldest], budget // 4)
+        budget -= grants[oldest]
+        for session in sorted(self._prefilling, key=left.__getitem__):   # stable: admission order among equals
+            if budget == 0:
+                break
+            take = min(left[session] - grants[session], budget)
+            grants[session] += take
+            budget -= take
+        return {s: n for s, n in grants.items() if n}
+
+    def _feed(self, group: list[Session], n: int) -> None:
+        """The next n prompt tokens of each session of the group, in one batched prefill. If it raises,
+        the sessions are prefilled one by one, so that a failure ends only the session it belongs to."""
+        ids = torch.tensor([s.request.prompt_ids[s._prefilled:s._prefilled + n] for s in group], dtype=torch.long,
+                           device=self.device)                                             # [B, n]
+        try:
+            logits = self._prefill.feed([s._prefill_row for s in group], ids)             # [B, V]
+        except Exception:
+            if len(group) > 1:
+                log.exception("a batched prefill of %d sessions failed; prefilling them one by one", len(group))
+                for session in group:
+                    self._feed([session], n)
+                return
+            log.exception("session %s: prefill failed; ending it", group[0].id)
+            self._end(group[0], error=ErrorEvent("internal error during prefill", "internal_error"))
+            return
+        for i, session in enumerate(group):
             session._prefilled += n
-            budget -= n
-            if session._prefilled == len(prompt):
-                self._prefilling.popleft()
-                self._start_running(session, logits)
+            if session._prefilled == len(session.request.prompt_ids):
+                self._start_running(session, logits[i])
 
     def _start_running(self, session: Session, logits: torch.Tensor) -> None:
-        """logits: [1, V] at the last prompt position. Takes the next row of the contiguous pool."""
+        """logits: [V] at the last prompt position. Takes the next row of the contiguous pool and, for
+        a deliberating session, makes its planner. Whatever fails here ends this session alone: it is
+        still in `_prefilling` until it runs, so `_end` finds it (and closes a planner already made)."""
         row = len(self._running)
-        self.pool.rows(slice(row, row + 1)).copy_(self._prefill.scratch)
-        self._logits[row].copy_(logits[0])
-        self._sampler.set_row(row, session.request.sampling, session.seed)
+        try:
+            if session.request.deliberation is not None:
+                session.deliberator = self._deliberator_factory(session)
+                with self._planner_lock:
+                    self._open_planners += 1
+            self._row_state(row).copy_(self._prefill.state(session._prefill_row))
+            self._logits[row].copy_(logits)
+            self._sampler.set_row(row, session.request.sampling, session.seed)
+        except Exception:
+            log.exception("session %s: starting it failed; ending it", session.id)
+            self._end(session, error=ErrorEvent("internal error while starting the generation", "internal_error"))
+            return
+        self._leave_prefill(session)
         session.row = row
         session.status = SessionStatus.RUNNING
         self._running.append(session)
+
+    def _leave_prefill(self, session: Session) -> None:
+        self._prefilling.remove(session)
+        self._free_prefill_rows.append(session._prefill_row)
+        session._prefill_row = None
 
     def _row_state(self, row: int) -> RecurrentState:
         return self.pool.rows(slice(row, row + 1))
@@ -608,13 +681,21 @@ class Engine:
         if sampled is not None:
             sampled.synchronize()                       # the tokens, not the step just queued
         now = time.perf_counter()
-        finished: list[tuple[Session, str]] = []
+        finished: list[tuple[Session, str | None]] = []   # (session, finish reason; None: it failed)
         for session, token in zip(self._running, host.tolist()):
-            reason = self._take_token(session, suggestions.get(session, token), now)
+            try:
+                reason = self._take_token(session, suggestions.get(session, token), now)
+            except Exception:  # one session's detokenising or stop matching must not end the batch
+                log.exception("session %s: taking its token failed; ending it", session.id)
+                finished.append((session, None))
+                continue
             if reason is not None:
                 finished.append((session, reason))
         for session, reason in sorted(finished, key=lambda f: -f[0].row):
-            self._end(session, reason=reason)
+            if reason is None:
+                self._end(session, error=ErrorEvent("internal error during generation", "internal_error"))
+            else:
+                self._end(session, reason=reason)
 
     def _place_rides(self, rides: list[_Ride], n: int) -> int:
         """Copy the rides' rows into pool rows [n, n + K) and their tokens after the running rows' ones."""
@@ -756,7 +837,7 @@ class Engine:
         if session.status is SessionStatus.RUNNING:
             self._leave_row(session)
         elif session.status is SessionStatus.PREFILLING:
-            self._prefilling.remove(session)
+            self._leave_prefill(session)
         elif session.status is SessionStatus.PARKED:
             self._parked.remove(session)
             session.parked = None

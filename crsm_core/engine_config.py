@@ -19,6 +19,12 @@ class EngineConfig:
     """sessions decoded together (slot pool rows)"""
     queue_size: int = 256
     """sessions allowed to wait for a slot (beyond them: queue full, 429)"""
+    max_request_sessions: int = 16
+    """sessions one request may start (n x prompts); a request asking for more, or for more than the
+    queue holds, is refused (400): it could never be served whole"""
+    queue_timeout_s: float = 30.0
+    """a session that has not taken a slot this many seconds after it was submitted ends with an error
+    (503 queue_timeout with Retry-After); inf: no deadline"""
     prefill_chunk: int = 256
     """prompt tokens prefilled per iteration, between two decode steps"""
     max_prompt_tokens: int = 4096
@@ -37,8 +43,10 @@ class EngineConfig:
         if self.planner_mode not in get_args(PlannerModeSetting):
             raise ValueError(f"planner_mode must be one of {get_args(PlannerModeSetting)}, got {self.planner_mode!r}")
         for name in ("max_sessions", "prefill_chunk", "max_prompt_tokens", "max_new_tokens", "retry_after_s",
-                     "ride_rows"):
+                     "ride_rows", "max_request_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        if not self.queue_timeout_s > 0:
+            raise ValueError(f"queue_timeout_s must be > 0, got {self.queue_timeout_s}")

@@ -9,6 +9,7 @@ server runs: one generation loop, so what it measures is what users are served.
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -164,7 +165,9 @@ class CRSMModel:
         from .engine import Engine, EngineConfig
 
         if self._engine is None:
+            # evaluation submits its whole set at once and waits as long as it takes
             self._engine = Engine.for_model(self, EngineConfig(max_sessions=64, queue_size=4096,
+                                                               max_request_sessions=4096, queue_timeout_s=math.inf,
                                                                max_prompt_tokens=1 << 20, max_new_tokens=1 << 20))
             self._engine.start()
         return self._engine

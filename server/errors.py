@@ -2,7 +2,7 @@
 
 Bad input of any kind (malformed JSON, schema violations, values the engine cannot run) is a 400;
 a full queue is a 429 and a model still loading (or a server shutting down) a 503, both with
-Retry-After. Only a bug is a 500.
+Retry-After, as is a session that found no slot within the queue deadline. Only a bug is a 500.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from crsm_core.engine import EngineClosed, QueueFull, RequestError
+from crsm_core.engine import EngineClosed, ErrorEvent, QueueFull, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,17 @@ def from_engine(error: RequestError | QueueFull | EngineClosed, param_names: dic
         return not_ready(str(error), "shutting_down", 1)
     param = (param_names or {}).get(error.param, error.param)
     return APIError(400, str(error), INVALID_REQUEST, param=param, code="invalid_value")
+
+
+def from_session_error(event: ErrorEvent) -> APIError:
+    """A session's final ErrorEvent: shutting down, or not started within the queue deadline, is a 503
+    (the latter with Retry-After: later may work); anything else failed on the server, a 500."""
+    if event.code == "queue_timeout":
+        return APIError(503, event.message, "service_unavailable", code=event.code,
+                        headers={"Retry-After": str(event.retry_after_s)})
+    if event.code == "shutdown":
+        return APIError(503, event.message, "service_unavailable", code=event.code)
+    return APIError(500, event.message, "internal_error", code=event.code)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:

@@ -20,7 +20,7 @@ from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed
 from crsm_core.injection import InjectionEvent
 from crsm_core.tokenizer import Tokenizer
 
-from .errors import APIError, error_body
+from .errors import APIError, from_session_error
 from .runtime import runtime_of
 from .schemas import GenerateRequest, GenerateResponse, Timings, Usage
 from .streaming import sse, sse_response, unless_disconnected
@@ -44,14 +44,11 @@ def injection_payload(event: InjectionEvent, tokenizer: Tokenizer) -> dict:
 
 
 def error_payload(event: ErrorEvent) -> dict:
-    kind = "service_unavailable" if event.code == "shutdown" else "internal_error"
-    return error_body(event.message, kind, None, event.code)
+    return from_session_error(event).body()
 
 
 def failure(error: GenerationFailed) -> APIError:
-    status = 503 if error.event.code == "shutdown" else 500
-    body = error_payload(error.event)["error"]
-    return APIError(status, body["message"], body["type"], code=body["code"])
+    return from_session_error(error.event)
 
 
 @router.post("/v1/generate", response_model=GenerateResponse)

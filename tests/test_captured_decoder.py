@@ -1,10 +1,11 @@
-"""CapturedDecoder's bucketing and its eager path (on the CPU there is nothing to capture; the graph
-replay itself is checked against the reference on the GPU in tests/gpu/test_fused.py)."""
+"""CapturedDecoder's bucketing and its eager path, and CapturedPrefill's eager path: the batched rows,
+the cut into pieces, a failing call (on the CPU there is nothing to capture; the graph replays
+themselves are checked on the GPU in tests/gpu/test_fused.py and tests/gpu/test_engine_gpu.py)."""
 import pytest
 import torch
 
 from crsm_core.backbone import MambaLM
-from crsm_core.backbone.graphs import CapturedDecoder, default_buckets
+from crsm_core.backbone.graphs import CapturedDecoder, CapturedPrefill, binary_pieces, default_buckets
 from crsm_core.config import tiny_config
 
 
@@ -47,3 +48,46 @@ def test_a_pool_smaller_than_max_batch_is_refused():
     model = MambaLM(tiny_config()).eval()
     with pytest.raises(ValueError, match="pool has 4 rows, fewer than max_batch=8"):
         CapturedDecoder(model, max_batch=8, pool=model.allocate_state(4))
+
+
+def test_prefill_pieces_take_the_cut_of_fewer_calls():
+    model = MambaLM(tiny_config()).eval()
+    prefill = CapturedPrefill(model, rows=4, budget=300)
+    assert prefill.lengths == (256, 128, 64, 32, 16, 8, 4, 2, 1)
+    assert binary_pieces(44) == (32, 8, 4) and binary_pieces(256) == (256,)
+    assert prefill.pieces([30]) == [(30,)]                          # alone: one call, not four
+    assert prefill.pieces([12, 12, 16]) == [(12,), (12,), (16,)]    # two lengths: two calls
+    assert prefill.pieces([9, 10, 11, 12]) == [(9,), (10,), (11,), (12,)]   # 4 calls either way: fewer pieces
+    assert prefill.pieces([9, 10, 11, 13, 14]) == [(8, 1), (8, 2), (8, 2, 1), (8, 4, 1), (8, 4, 2)]  # 4 < 5
+
+
+class FailingPrefill(MambaLM):
+    def prefill(self, ids, state):
+        out = super().prefill(ids, state)   # the state is written: the failure comes after
+        if bool((ids == 7).any()):
+            raise RuntimeError("failed on purpose")
+        return out
+
+
+@torch.no_grad()
+def test_batched_prefill_rows_are_each_prompt_alone_and_a_failed_call_changes_nothing():
+    torch.manual_seed(0)
+    model = FailingPrefill(tiny_config()).eval()
+    prefill = CapturedPrefill(model, rows=4, budget=64)
+    prompts = {1: torch.randint(8, 256, (40,)), 3: torch.randint(8, 256, (40,))}
+    for row in prompts:
+        prefill.begin(row)
+    logits = prefill.feed([3, 1], torch.stack([prompts[3][:24], prompts[1][:24]]))
+    logits = prefill.feed([1, 3], torch.stack([prompts[1][24:], prompts[3][24:]]))
+    for i, row in enumerate((1, 3)):
+        alone = model.allocate_state(1)
+        want = model.prefill(prompts[row][None], alone)
+        torch.testing.assert_close(logits[i:i + 1], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prefill.state(row).ssm, alone.ssm, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prefill.state(row).conv, alone.conv, rtol=1e-5, atol=1e-5)
+    before = prefill.pool.clone()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        prefill.feed([1, 3], torch.tensor([[1, 2], [7, 7]]))
+    assert torch.equal(prefill.pool.ssm, before.ssm) and torch.equal(prefill.pool.conv, before.conv)
+    with pytest.raises(ValueError, match="a prefill feed takes"):
+        prefill.feed([1], torch.zeros(1, 65, dtype=torch.long))      # past the budget

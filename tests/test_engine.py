@@ -8,9 +8,11 @@ import torch
 
 from crsm_core.backbone import MambaLM
 from crsm_core.config import tiny_config
+from crsm_core.deliberation import DeliberationConfig
 from crsm_core.engine import (DoneEvent, Engine, EngineClosed, EngineConfig, ErrorEvent, GenerationRequest,
                               QueueFull, RequestError, TokenEvent)
 from crsm_core.sampling import SamplingParams, SamplingTable
+from crsm_core.stopping import StopMatcher
 from crsm_core.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -261,5 +263,172 @@ async def test_a_failing_prefill_ends_only_its_session(model):
                                                     SamplingParams(seed=1))
         assert (await engine.submit(request("later", 5, ignore_eos=True)).collect()).done.usage.completion_tokens == 5
         assert engine.num_active == 0 and engine.num_waiting == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_session_failing_as_it_starts_ends_alone(model):
+    # A planner that cannot be made for one prompt: the failure comes after that session's prefill, as it
+    # takes a row of the batch (where an overflowing sampling parameter failed too), beside sessions that
+    # are decoding, prefilling and waiting.
+    doomed = tuple(TOKENIZER.encode("no planner for me"))
+
+    def planner_for(session):
+        assert session.request.prompt_ids == doomed, "only the doomed session deliberates"
+        raise RuntimeError("the planner failed on purpose")
+
+    engine = Engine(model, TOKENIZER, EngineConfig(max_sessions=3, prefill_chunk=8), deliberator_factory=planner_for)
+    engine.start()
+    try:
+        running = engine.submit(request("already streaming", 30, seed=1, ignore_eos=True))
+        running_events = running.stream()
+        assert isinstance(await anext(running_events), TokenEvent)
+        specs = ["before it", "no planner for me", "after it, waiting for a slot"]
+        sessions = engine.submit_all([request(p, 12, seed=i, ignore_eos=True,
+                                              deliberation=DeliberationConfig() if i == 1 else None)
+                                      for i, p in enumerate(specs)])
+        for i, (prompt, session) in enumerate(zip(specs, sessions)):
+            final = [e async for e in session.stream()][-1]
+            if i == 1:
+                assert isinstance(final, ErrorEvent) and final.code == "internal_error", final
+                assert session.tokens == []
+            else:
+                assert isinstance(final, DoneEvent) and final.finish_reason == "length", final
+                assert session.tokens == reference_generate(model, TOKENIZER.encode(prompt), 12,
+                                                            SamplingParams(seed=i))
+        assert isinstance([e async for e in running_events][-1], DoneEvent)
+        assert running.tokens == reference_generate(model, TOKENIZER.encode("already streaming"), 30,
+                                                    SamplingParams(seed=1))
+        assert engine.num_active == engine.num_waiting == engine.num_planners == 0
+    finally:
+        await engine.shutdown()
+
+
+class FailingStopMatch(StopMatcher):
+    def push(self, text):
+        raise RuntimeError("stop matching failed on purpose")
+
+
+async def test_a_session_failing_on_its_token_ends_alone(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=4))
+    try:
+        with engine._cond:   # the generator admits nothing before the matcher is in place
+            sessions = engine.submit_all([request(f"stream {i}", 20, seed=i, ignore_eos=True) for i in range(3)])
+            sessions[1]._stops = FailingStopMatch(())   # as a detokeniser raising on one session's token
+        finals = [[e async for e in s.stream()][-1] for s in sessions]
+        assert isinstance(finals[1], ErrorEvent) and finals[1].code == "internal_error"
+        for i in (0, 2):
+            assert isinstance(finals[i], DoneEvent) and finals[i].finish_reason == "length"
+            assert sessions[i].tokens == reference_generate(model, TOKENIZER.encode(f"stream {i}"), 20,
+                                                            SamplingParams(seed=i))
+        assert engine.num_active == 0
+    finally:
+        await engine.shutdown()
+
+
+class CountedPrefill(MambaLM):
+    """A backbone that records the shape of every prefill call: [B, T] of ids."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls: list[tuple[int, int]] = []
+
+    def prefill(self, ids, state):
+        self.calls.append(tuple(ids.shape))
+        return super().prefill(ids, state)
+
+
+def counted_copy(model: MambaLM) -> CountedPrefill:
+    counted = CountedPrefill(model.config).eval()
+    counted.load_state_dict(model.state_dict())
+    return counted
+
+
+async def test_prompts_arriving_together_are_prefilled_in_one_batch(model):
+    counted = counted_copy(model)
+    engine = await run_engine(counted, EngineConfig(max_sessions=16, prefill_chunk=256))
+    try:
+        prompts = [f"p{i:02d}" + "x" * (i + 5) for i in range(16)]   # 8 to 23 tokens: 248, within the budget
+        assert sorted(len(p) for p in prompts) == list(range(8, 24))
+        sessions = engine.submit_all([request(p, 6, seed=i, ignore_eos=True) for i, p in enumerate(prompts)])
+        results = await asyncio.gather(*(s.collect() for s in sessions))
+        for i, (prompt, result) in enumerate(zip(prompts, results)):
+            assert result.token_ids == reference_generate(model, TOKENIZER.encode(prompt), 6, SamplingParams(seed=i))
+        # one iteration: each prompt cut into powers of two, the pieces of one length of all the prompts one
+        # call (16, 8, 4, 2, 1); one prompt at a time (or one call per distinct length) it took 16 calls
+        assert [length for _, length in counted.calls] == [16, 8, 4, 2, 1]
+        assert counted.calls[0] == (8, 16) and sum(rows * length for rows, length in counted.calls) == 248
+        # and all 16 took their first token in the same decode round
+        assert len({s.token_times[0] for s in sessions}) == 1
+        # a prompt alone is one call (eagerly, as here), not one per power of two in its length
+        counted.calls.clear()
+        await engine.submit(request("x" * 23, 2, ignore_eos=True)).collect()
+        assert counted.calls == [(1, 23)]
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_short_prompt_behind_long_ones_is_not_kept_waiting(model):
+    counted = counted_copy(model)
+    engine = await run_engine(counted, EngineConfig(max_sessions=4, prefill_chunk=16))
+    try:
+        longs = [list(range(i, 200 + i)) for i in range(3)]      # 13 iterations of prefill each, in turn
+        sessions = engine.submit_all([request(p, 3, seed=i, ignore_eos=True) for i, p in enumerate(longs)]
+                                     + [request("short", 5, seed=9, ignore_eos=True)])
+        results = await asyncio.gather(*(s.collect() for s in sessions))
+        *long_sessions, short = sessions
+        # the short prompt, admitted last, was prefilled and had all its tokens before any long one's first
+        first_long_token = min(s.token_times[0] for s in long_sessions)
+        assert short.token_times[-1] < first_long_token
+        for i, (prompt, result) in enumerate(zip(longs + [TOKENIZER.encode("short")], results)):
+            assert result.token_ids == reference_generate(model, prompt, len(result.token_ids),
+                                                          SamplingParams(seed=9 if i == 3 else i))
+        # the long prompts were chunked (at most 16 tokens a call) and the oldest kept going meanwhile
+        assert all(rows * length <= 16 for rows, length in counted.calls)
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_request_that_could_never_be_queued_whole_is_refused_as_invalid(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=1, queue_size=4, max_request_sessions=3,
+                                                  max_new_tokens=ENDLESS))
+    try:
+        with pytest.raises(RequestError) as too_many:   # over the per-request cap
+            engine.submit_all([request("x", 2) for _ in range(4)])
+        assert too_many.value.param == "n" and "at most 3 sessions" in str(too_many.value)
+        wide = Engine(model, TOKENIZER, EngineConfig(max_sessions=1, queue_size=4, max_request_sessions=8))
+        with pytest.raises(RequestError) as never_fits:   # within the cap, but more than the whole queue
+            wide.submit_all([request("x", 2) for _ in range(5)])
+        assert never_fits.value.param == "n" and "the queue holds 4" in str(never_fits.value)
+        # one that fits the queue but not now is the retryable refusal
+        running = engine.submit(request("x", ENDLESS, ignore_eos=True))
+        waiting = engine.submit_all([request("y", 2) for _ in range(2)])
+        with pytest.raises(QueueFull):
+            engine.submit_all([request("z", 2) for _ in range(3)])
+        assert engine.num_waiting + engine.num_active == 3
+        for session in [running, *waiting]:
+            session.cancel()
+            await session.collect()
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_session_that_finds_no_slot_in_time_ends_with_queue_timeout(model):
+    engine = await run_engine(model, EngineConfig(max_sessions=1, queue_timeout_s=0.2, retry_after_s=4,
+                                                  max_new_tokens=ENDLESS))
+    try:
+        running = engine.submit(request("holds the slot", ENDLESS, ignore_eos=True))
+        while not running.tokens:
+            await asyncio.sleep(0.001)
+        late = engine.submit(request("waits too long", 4))
+        events = [e async for e in late.stream()]
+        assert len(events) == 1 and isinstance(events[0], ErrorEvent), events
+        assert events[0].code == "queue_timeout" and events[0].retry_after_s == 4
+        assert late.tokens == [] and engine.num_waiting == 0
+        assert running.finish_reason is None          # the session holding the slot is untouched
+        running.cancel()
+        assert (await running.collect()).done.finish_reason == "cancelled"
+        # a session that gets its slot in time is served
+        assert (await engine.submit(request("on time", 4, ignore_eos=True)).collect()).done.finish_reason == "length"
     finally:
         await engine.shutdown()

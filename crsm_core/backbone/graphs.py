@@ -11,8 +11,9 @@ the gaps. A graph reads and writes fixed addresses, so:
   live state: callers keep live rows compacted at the front of the pool.
 - `CapturedStepper`: any stepper (the latent dynamics model, the backbone) over states that live
   anywhere: the rows are copied into a private pool, stepped by the decoder, and copied back.
-- `CapturedPrefill`: a prompt is prefilled into one static scratch row in pieces whose lengths are
-  buckets (256, 128, ..., 1 by default), each piece a graph replay.
+- `CapturedPrefill`: prompts are prefilled in rows of a prefill pool, in pieces whose lengths are
+  buckets (256, 128, ..., 1 by default); the pieces of one length of many prompts are one batched
+  prefill, each a graph replay per (length, batch bucket).
 
 Off CUDA nothing is captured and every call is the eager computation on the same buffers, so callers
 have one code path.
@@ -163,58 +164,109 @@ def default_piece_lengths(max_piece: int) -> tuple[int, ...]:
     return tuple(lengths)
 
 
+def binary_pieces(n: int) -> tuple[int, ...]:
+    """n as a sum of distinct powers of two, largest first: 44 -> (32, 8, 4)."""
+    return tuple(1 << b for b in reversed(range(n.bit_length())) if n >> b & 1)
+
+
 class CapturedPrefill:
-    """Prefill of one sequence into a static scratch row, in pieces of bucket lengths, from graphs.
+    """Batched prefill of many prompts, each in its own row of a prefill pool, in pieces of bucket
+    lengths, from graphs.
 
-    `begin()` zeroes the scratch; `feed(ids)` consumes up to `max_piece` tokens (one replay per piece
-    of the binary decomposition of its length) and returns the logits [1, V] at its last position;
-    `scratch` holds the state. One sequence at a time (the engine prefills sessions in turn)."""
+    `feed(rows, ids)` advances the pool rows `rows` by one piece each, the same length n for all, in
+    one backbone prefill: the rows are gathered, prefilled as one [B, n] batch and scattered back, so a
+    call that fails leaves the pool as it was. A caller with prompts of different lengths cuts each into
+    pieces (`pieces`) and feeds the pieces of one length together, longest first.
 
-    def __init__(self, model: MambaLM, max_piece: int = 256, warmup_steps: int = 2):
+    On CUDA a call replays the graph of (n, the smallest batch bucket >= B); buckets go up to
+    `budget // n` rows, the most a budget of `budget` tokens per iteration gives one length. The
+    bucket's spare row indices point at a junk row past the pool's rows, which nothing reads."""
+
+    def __init__(self, model: MambaLM, rows: int, budget: int, warmup_steps: int = 2):
+        if rows < 1 or budget < 1:
+            raise ValueError(f"rows and budget must be >= 1, got {rows} and {budget}")
         self.model = model
-        self.lengths = default_piece_lengths(max_piece)
-        self.scratch = model.allocate_state(1)
+        self.rows, self.budget = rows, budget
+        self.lengths = default_piece_lengths(1 << (budget.bit_length() - 1))
+        self.pool = model.allocate_state(rows + 1)   # row `rows`: the junk row of padded buckets
         self.graphed = model.device.type == "cuda"
-        self._ids = {n: torch.zeros(1, n, dtype=torch.long, device=model.device) for n in self.lengths}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self.buckets = {n: default_buckets(min(rows, budget // n)) for n in self.lengths}
+        self._ids: dict[tuple[int, int], torch.Tensor] = {}    # (n, bucket) -> [bucket, n]
+        self._index: dict[tuple[int, int], torch.Tensor] = {}  # (n, bucket) -> [bucket] pool rows
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, int], torch.Tensor] = {}
         if self.graphed:
             with torch.inference_mode():
                 self._capture(warmup_steps)
 
-    @property
-    def max_piece(self) -> int:
-        return self.lengths[0]
+    def max_batch(self, n: int) -> int:
+        """The most rows one call with pieces of length n takes."""
+        return self.buckets[n][-1] if self.graphed else self.rows
+
+    def pieces(self, counts: list[int]) -> list[tuple[int, ...]]:
+        """How prompts that get these numbers of tokens now are fed: each one's piece lengths, largest
+        first. The pieces of one length of all the prompts are one call, so of the two ways the one of
+        fewer calls: powers of two (at most len(lengths) calls, whatever the mix of counts), or, off
+        CUDA, where any length runs eagerly, the counts themselves (one call per distinct count: a prompt
+        alone is one call, not one per bit of its length, each costing about a whole eager prefill)."""
+        binary = [binary_pieces(n) for n in counts]
+        if self.graphed or len({p for ps in binary for p in ps}) < len(set(counts)):
+            return binary
+        return [(n,) for n in counts]
+
+    def _piece(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """ids: [B, n]; index: [B] pool rows -> logits [B, V]; those rows advanced by n."""
+        state = self.pool.gather(index)
+        logits = self.model.prefill(ids, state)
+        self.pool.scatter_(index, state)
+        return logits
 
     def _capture(self, warmup_steps: int) -> None:
         mempool = torch.cuda.graph_pool_handle()
+        device = self.model.device
         for n in self.lengths:   # largest first, as in CapturedDecoder
-            ids = self._ids[n]
-            _warm_up(lambda: self.model.prefill(ids, self.scratch), warmup_steps)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=mempool):
-                self._logits[n] = self.model.prefill(ids, self.scratch)
-            self._graphs[n] = graph
-        self.scratch.zero_()
+            for bucket in reversed(self.buckets[n]):
+                ids = torch.zeros(bucket, n, dtype=torch.long, device=device)
+                index = torch.full((bucket,), self.rows, dtype=torch.long, device=device)
+                _warm_up(lambda: self._piece(ids, index), warmup_steps)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=mempool):
+                    # a copy of the last position's logits: the [bucket, n, V] logits die within the capture
+                    self._logits[n, bucket] = self._piece(ids, index).clone()
+                self._graphs[n, bucket] = graph
+                self._ids[n, bucket], self._index[n, bucket] = ids, index
+        self.pool.zero_()
         torch.cuda.synchronize()
-        log.info("captured prefill graphs for pieces of %s tokens", self.lengths)
+        log.info("captured %d prefill graphs: pieces of %s tokens, up to %s rows", len(self._graphs),
+                 self.lengths, [self.max_batch(n) for n in self.lengths])
 
-    def begin(self) -> None:
-        self.scratch.zero_()
+    def begin(self, row: int) -> None:
+        """A new prompt in pool row `row`: the state of no tokens."""
+        self.pool.rows(slice(row, row + 1)).zero_()
+
+    def state(self, row: int) -> RecurrentState:
+        """A view of pool row `row`."""
+        return self.pool.rows(slice(row, row + 1))
 
     @torch.inference_mode()
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [T] long (1 <= T <= max_piece) -> logits [1, V] after them; the scratch advances by T."""
-        total = ids.shape[0]
-        if not 1 <= total <= self.max_piece:
-            raise ValueError(f"a prefill feed takes 1 to {self.max_piece} tokens, got {total}")
+    def feed(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """rows: B distinct pool rows; ids: [B, n] long (on CUDA n one of `lengths`, elsewhere 1 to
+        `budget`) -> logits [B, V] after them (on CUDA a view of a static buffer, valid until the next
+        feed); the rows advance by n."""
+        batch, n = ids.shape
+        length_ok = n in self.buckets if self.graphed else 1 <= n <= self.budget
+        if not length_ok or len(rows) != batch or not 1 <= batch <= self.max_batch(n):
+            raise ValueError(f"a prefill feed takes 1 to {self.rows} rows of pieces of "
+                             f"{self.lengths if self.graphed else f'1 to {self.budget}'} tokens, got {len(rows)} "
+                             f"rows of ids {tuple(ids.shape)}")
         if not self.graphed:
-            return self.model.prefill(ids.to(self.model.device)[None], self.scratch)
-        done, logits = 0, None
-        for n in self.lengths:
-            if total - done >= n:
-                self._ids[n][0].copy_(ids[done:done + n], non_blocking=True)
-                self._graphs[n].replay()
-                logits = self._logits[n]
-                done += n
-        return logits
+            return self._piece(ids.to(self.model.device), torch.tensor(rows, dtype=torch.long))
+        bucket = next(b for b in self.buckets[n] if b >= batch)
+        key = (n, bucket)
+        self._ids[key][:batch].copy_(ids, non_blocking=True)
+        self._index[key].fill_(self.rows)
+        self._index[key][:batch].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+        if batch < bucket:   # the spare rows prefill the junk row: from zeros, so that it stays finite
+            self.state(self.rows).zero_()
+        self._graphs[key].replay()
+        return self._logits[key][:batch]

@@ -39,7 +39,8 @@ class MeasuredSessions:
 
 
 def engine_config(settings: BenchSettings, planner_mode: str = "stream") -> EngineConfig:
-    return EngineConfig(max_sessions=settings.max_sessions,
+    # a workload's arrivals are submitted as one request
+    return EngineConfig(max_sessions=settings.max_sessions, max_request_sessions=EngineConfig.queue_size,
                         max_new_tokens=max(settings.tokens, settings.deliberation_tokens, 1024),
                         max_prompt_tokens=max(4096, settings.long_prompt_tokens), planner_mode=planner_mode)
 

@@ -10,6 +10,7 @@ token t gives the distribution of token t+1.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -49,7 +50,9 @@ def generate(model: MambaLM, prompts: list[list[int]], max_new_tokens: int | Seq
     async def run() -> list[list[int]]:
         todo = [i for i, b in enumerate(budgets) if b > 0]
         engine = Engine(model, tokenizer, EngineConfig(max_sessions=max(1, min(max_sessions, len(todo))),
-                                                       queue_size=max(1, len(todo)), max_prompt_tokens=1 << 20,
+                                                       queue_size=max(1, len(todo)),
+                                                       max_request_sessions=max(1, len(todo)),
+                                                       queue_timeout_s=math.inf, max_prompt_tokens=1 << 20,
                                                        max_new_tokens=max([1, *budgets]), planner_mode="stream"))
         engine.start()
         try:

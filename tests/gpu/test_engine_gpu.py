@@ -79,16 +79,21 @@ def greedy(prompt, n=N_TOKENS, deliberation=None):
 @torch.no_grad()
 def test_captured_prefill_matches_the_eager_prefill(models):
     fused, _ = models
-    prefill = CapturedPrefill(fused, max_piece=256)
-    ids = torch.randint(0, CONFIG.vocab_size, (300,), device="cuda")
-    prefill.begin()
-    prefill.feed(ids[:256])
-    logits = prefill.feed(ids[256:])                     # 44 = 32 + 8 + 4: three more replays
-    state = fused.allocate_state(1)
-    eager = fused.prefill(ids[None], state)
+    prefill = CapturedPrefill(fused, rows=4, budget=256)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 300), device="cuda")
+    for row in (1, 3):
+        prefill.begin(row)
+    prefill.feed([3], ids[1:, :256])
+    for start, n in ((0, 256), (256, 32), (288, 8), (296, 4)):   # 44 = 32 + 8 + 4: three more replays
+        rows = [1, 3] if start else [1]
+        logits = prefill.feed(rows, ids[:len(rows), start:start + n])
+    state = fused.allocate_state(2)
+    eager = fused.prefill(ids, state)
     torch.testing.assert_close(logits.float(), eager.float(), rtol=0, atol=2e-2 * eager.float().abs().max().item())
-    rel = ((prefill.scratch.ssm.float() - state.ssm.float()).norm() / state.ssm.float().norm()).item()
-    assert rel < 2e-2, rel
+    for i, row in enumerate((1, 3)):
+        mine, theirs = prefill.state(row).ssm.float(), state.rows(slice(i, i + 1)).ssm.float()
+        rel = ((mine - theirs).norm() / theirs.norm()).item()
+        assert rel < 2e-2, rel
 
 
 def test_engine_greedy_tokens_follow_the_reference(models):

@@ -112,7 +112,8 @@ def poisoned_prefill_loader(settings: ServerSettings):
     prefill = model.backbone.prefill
 
     def prefill_or_fail(ids: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        if ids[0].tolist() == poison:  # the whole prompt fits one prefill chunk
+        # ids: [B, n], a piece of each of B prompts; a batch holding the poisoned prompt's first piece fails
+        if any(row == poison[:len(row)] for row in ids.tolist()):
             raise RuntimeError("prefill failed on purpose")
         return prefill(ids, state)
 
