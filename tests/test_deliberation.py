@@ -347,11 +347,13 @@ async def test_synchronous_deliberation_is_reproducible(backbone):
             runs = together + [alone]
             outcomes = [[(e.position, e.target_position, e.outcome, e.effect, e.action) for e in r.injections]
                         for r in runs]
-            assert all(r.token_ids == alone.token_ids for r in runs)
-            assert all(o == outcomes[-1] for o in outcomes)
+            assert all(r.token_ids == alone.token_ids for r in runs), ([r.token_ids for r in runs], outcomes)
+            assert all(o == outcomes[-1] for o in outcomes), outcomes
             c = counters(alone)
             accounted(c)
-            assert c["waited"] == c["launched"] >= 16 and c["suggested"] >= 1
+            # a plan for every position; the session parks for those not in when it gets there (on a
+            # loaded machine a plan can finish between its launch and that check: no park)
+            assert c["launched"] >= 16 and 1 <= c["waited"] <= c["launched"] and c["suggested"] >= 1
     finally:
         await engine.shutdown()
         crsm.close()

@@ -280,8 +280,9 @@ def test_tiny_eval_writes_the_table(tiny_run, tmp_path):
                 assert row["fixes"] - row["regressions"] == round(12 * (row["accuracy"] - summary["greedy"]["accuracy"]))
         assert summary["best_of_n"]["notes"]["n_basis"] == "equal GPU time as (b)"
         assert summary["best_of_n"]["notes"]["n"] >= 1
-        # a synchronous session waited for a plan at every position it produced a token at
-        assert summary["sync"]["notes"]["counters"]["waited"] >= 12
+        # synchronous sessions planned every position they produced a token at, and waited for plans
+        sync = summary["sync"]["notes"]["counters"]
+        assert sync["launched"] >= summary["sync"]["tokens"] and sync["waited"] >= 1
     text = doc.read_text()
     assert "(c) synchronous deliberation" in text and "## Dynamics fidelity" in text
     assert "## Value heads: quality at every answer position" in text and "Sibling-ranking AUC" in text
