@@ -224,7 +224,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     extra_stops: ClassVar[tuple[str, ...]] = CHAT_STOPS
 
     def max_tokens_or(self, defaults: RequestDefaults) -> int:
-        return self.max_completion_tokens or self.max_tokens or defaults.max_new_tokens
+        return self.max_completion_tokens or self.max_tokens or defaults.chat_max_tokens
 
 
 class CompletionChoice(BaseModel):
