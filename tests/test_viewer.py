@@ -30,7 +30,6 @@ from crsm_core.value import ValueHeads, ValueHeadsConfig
 from scripts.viewer import chromium_paths, crsm_serve, fill, headless_chromium, run_prompt
 from server.metrics import StatusHistory, Totals
 from server.schemas import DeliberationRequest
-from server.settings import ServerSettings
 from test_server import LiveServer, settings_for, wait_for
 
 # the test model's crsm.json: its random heads disagree (their spread would veto every plan), and their
