@@ -280,3 +280,99 @@ def test_a_surrogate_pair_is_text(live):
     r = httpx.post(live.url + "/v1/generate", content='{"prompt": "a\\ud83d\\ude00", "max_tokens": 1}',
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 5
+
+
+# ---- item 9: the small things at the edge ---------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/generate", {"prompt": "a", "max_tokens": "16"}, "max_tokens"),
+    ("/v1/generate", {"prompt": "a", "max_tokens": True}, "max_tokens"),
+    ("/v1/generate", {"prompt": "a", "max_tokens": 16.0}, "max_tokens"),
+    ("/v1/generate", {"token_ids": [72, True], "max_tokens": 2}, "token_ids.1"),
+    ("/v1/generate", {"prompt": "a", "seed": True}, "seed"),
+    ("/v1/generate", {"prompt": "a", "top_k": 2.0}, "top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": "16"}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "n": True}, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "seed": False}, "seed"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "max_tokens": 4.0},
+     "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}],
+                              "max_completion_tokens": "4"}, "max_completion_tokens"),
+])
+def test_integers_are_strict(live, path, body, param):
+    r = httpx.post(live.url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = openai_error(r)
+    assert error["param"] == param and error["code"] == "int_type"
+
+
+def test_a_token_id_list_with_a_boolean_is_not_a_prompt_of_ids(live):
+    r = httpx.post(live.url + "/v1/completions", json={"model": MODEL, "prompt": [72, True], "max_tokens": 2})
+    assert r.status_code == 400 and openai_error(r)["param"].startswith("prompt")
+
+
+@pytest.mark.parametrize("content, content_type", [
+    (b'{"prompt": "a",', "application/json"),          # cut short
+    (b'{"prompt": "\xff\xfe"}', "application/json"),   # not UTF-8
+    (b'[1, 2]', "application/json"),                   # not an object
+    (b'"hello"', "application/json"),
+    (b'{"prompt": "a"}', None),                       # no content type: not read as JSON
+    (b'{"prompt": "a"}', "text/plain"),
+])
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions", "/v1/chat/completions"])
+def test_a_body_that_is_no_json_object_is_400_json_invalid(live, path, content, content_type):
+    headers = {} if content_type is None else {"content-type": content_type}
+    r = httpx.post(live.url + path, content=content, headers=headers)
+    assert r.status_code == 400, r.text
+    error = openai_error(r)
+    assert error["code"] == "json_invalid" and error["message"].startswith("the request body")
+
+
+def test_a_huge_model_name_is_not_echoed_back_whole(live):
+    name = "m" * 1_000_000
+    r = httpx.post(live.url + "/v1/completions", json={"model": name, "prompt": "a", "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400
+    error = openai_error(r)
+    assert error["code"] == "model_not_found" and len(r.content) < 1000
+    assert "(1000000 characters)" in error["message"] and repr(MODEL) in error["message"]
+
+
+def test_chat_without_max_tokens_takes_the_chat_default(model_dir):
+    server = LiveServer(settings_for(model_dir, max_new_tokens=64, default_chat_max_tokens=5)).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell a story"}],
+                                                temperature=0.0, extra_body={"ignore_eos": True})
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 5
+        # the chat default is kept within max_new_tokens
+        assert server.server.runtime.defaults.chat_max_tokens == 5
+    finally:
+        server.stop()
+    capped = ServerSettings(max_new_tokens=8)
+    assert capped.default_chat_max_tokens == 256
+    from server.settings import RequestDefaults
+    from crsm_core.deliberation import DeliberationConfig
+    assert RequestDefaults.of(capped, DeliberationConfig()).chat_max_tokens == 8
+
+
+def test_ready_after_a_failed_load_says_so_without_paths_or_exception_names(model_dir, caplog):
+    secret_path = str(model_dir / "model.safetensors")
+
+    def failing(settings: ServerSettings):
+        raise ValueError(f"{secret_path}: corrupt or unreadable weights file (header too large)")
+
+    server = LiveServer(settings_for(model_dir), failing)
+    server.server.runtime.on_load_failure = None  # kept up here, to read /ready (crsm serve exits instead)
+    server.start(wait_ready=False)
+    try:
+        deadline = time.monotonic() + 30
+        while (r := httpx.get(server.url + "/ready")).json()["error"]["code"] != "model_load_failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert r.status_code == 503 and r.headers["retry-after"]
+        text = r.text
+        assert "/" not in text.replace("the server's log", "") and "ValueError" not in text and "safetensors" not in text
+        assert "failed to load" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+    assert any(secret_path in record.getMessage() for record in caplog.records)  # the log has it
