@@ -1,5 +1,6 @@
 """The app factory. The model is loaded in a thread after startup (so `/health` answers and `/ready` says
-503 meanwhile), then the engine starts; shutdown drains and stops it."""
+503 meanwhile), then the engine starts; a load that fails stops the server (Runtime.on_load_failure);
+shutdown drains and stops it. Requests pass the door (server/edge.py) before any route."""
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
