@@ -3,7 +3,7 @@
 
     python -m scripts.door_attacks --model DIR [--checkout PATH] [ATTACK ...]
 
-ATTACK: surrogate, big_body, short_body, half_heads, bad_model (default: all). `crsm serve` runs as a
+ATTACK: surrogate, big_body, limit_body, short_body, half_heads, bad_model (default: all). `crsm serve` runs as a
 subprocess of the checkout (default: this one) on 127.0.0.1, with `--max-prompt-tokens 4096`. While an
 attack runs, another connection asks `/health` every 20 ms: the longest wait is how long the event loop
 was blocked. Memory: VmRSS and VmHWM (peak) from /proc.
@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-ATTACKS = ("surrogate", "big_body", "short_body", "half_heads", "bad_model")
+ATTACKS = ("surrogate", "big_body", "limit_body", "short_body", "half_heads", "bad_model")
 HALF_HEADS = 3000
 START_TIMEOUT_S = 90.0
 
@@ -107,9 +107,9 @@ def surrogate(server: Serve) -> dict:
     return statuses
 
 
-def big_body(server: Serve) -> dict:
+def big_body(server: Serve, size: int = 100 * 2**20) -> dict:
     """A 100 MiB prompt."""
-    body = b'{"prompt": "' + b"a" * (100 * 2**20) + b'", "max_tokens": 1}'
+    body = b'{"prompt": "' + b"a" * size + b'", "max_tokens": 1}'
     pinger = HealthPinger(server.url)
     pinger.start()
     time.sleep(0.5)
@@ -121,6 +121,11 @@ def big_body(server: Serve) -> dict:
     return {"status": r.status_code, "code": r.json()["error"]["code"], "answer_s": round(took, 2),
             "rss_before_mib": before, "rss_peak_mib": server.memory_mib("VmHWM"),
             "rss_after_mib": server.memory_mib(), **pinger.finish()}
+
+
+def limit_body(server: Serve) -> dict:
+    """A prompt just under the default body limit (4 MiB): read, parsed and tokenized, then too long."""
+    return big_body(server, 4 * 2**20 - 64)
 
 
 def short_body(server: Serve, wait_s: float = 45.0) -> dict:
