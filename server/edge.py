@@ -19,7 +19,9 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import re
+import time
 from typing import Any, Iterator
 
 import h11
@@ -56,12 +58,12 @@ class GuardedH11Protocol(H11Protocol):
         self.max_connections = max_connections
         self._head_deadline: asyncio.TimerHandle | None = None
         self._head_started = False  # some bytes of the pending head arrived
+        self._refused = False       # over the cap: answered 503 and closed, never one of uvicorn's connections
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.max_connections:
-            # not added to the connections: nothing of uvicorn's will wait for it
-            self.transport = transport
-            log.warning("refused a connection: %d open (max_connections)", len(self.connections))
+            self._refused, self.transport = True, transport
+            _log_refusal(len(self.connections))
             transport.write(_raw_response(503, "too many open connections; retry later", "server_overloaded",
                                           "service_unavailable", retry_after=True))
             transport.close()
@@ -71,7 +73,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_deadline()
-        if self not in self.connections:  # refused in connection_made
+        if self._refused:
             return
         super().connection_lost(exc)
 
@@ -106,6 +108,19 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.write(_raw_response(
                 408, f"the request's head did not arrive within {self.header_timeout_s:g} s", "header_timeout"))
         self.transport.close()
+
+
+# A flood of refused connections logs one line a second, not one a connection.
+_REFUSALS = {"logged_at": -math.inf, "since": 0}
+
+
+def _log_refusal(open_connections: int) -> None:
+    _REFUSALS["since"] += 1
+    now = time.monotonic()
+    if now - _REFUSALS["logged_at"] >= 1.0:
+        log.warning("refused %d connection(s) since the last report: %d open (max_connections)", _REFUSALS["since"],
+                    open_connections)
+        _REFUSALS.update(logged_at=now, since=0)
 
 
 def protocol_for(settings: ServerSettings):
