@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -92,7 +93,7 @@ def test_no_tokenizer_files_for_a_model_whose_vocabulary_is_not_bytes(tmp_path):
 @pytest.mark.parametrize("file", ["config.json", "model.safetensors", "tokenizer_config.json", "crsm.json", "."])
 def test_an_unreadable_file_is_reported_as_unreadable(model_dir, file):
     """As root every file is readable: the server runs as nobody, on a copy it may not read one file of."""
-    base = Path(__import__("tempfile").mkdtemp(prefix="crsm-unreadable-"))
+    base = Path(tempfile.mkdtemp(prefix="crsm-model-"))  # not under pytest's tmp_path: nobody cannot enter it
     try:
         directory = base / "model"
         shutil.copytree(model_dir, directory)
@@ -103,8 +104,10 @@ def test_an_unreadable_file_is_reported_as_unreadable(model_dir, file):
         result = serve_until_exit(directory, as_nobody=True)
         assert result.returncode != 0
         named = str(directory if file == "." else directory / file)
-        lines = [line for line in result.stderr.splitlines() if named in line]
-        assert lines and all("unreadable" in line and "not found" not in line for line in lines), result.stderr
+        lines = [line for line in result.stderr.splitlines() if "cannot serve" in line]
+        assert len(lines) == 1 and f"{named}: " in lines[0], result.stderr
+        assert "unreadable (permission denied)" in lines[0] and "not found" not in lines[0]
+        assert "Traceback" not in result.stderr
     finally:
         shutil.rmtree(base)
 
