@@ -7,16 +7,16 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
 import openai
 import pytest
 
+from crsm_core.deliberation import DeliberationConfig
 from crsm_core.tokenizer import ByteTokenizer
 from server.runtime import LONG_TEXT_CHARS, load_model
-from server.settings import ServerSettings
+from server.settings import RequestDefaults, ServerSettings
 from test_server import MODEL, LiveServer, live, model_dir, one_torch_thread, settings_for  # noqa: F401 (fixtures)
 
 KEY = "sk-edge-test-key"
@@ -40,8 +40,7 @@ def auth() -> dict[str, str]:
 
 def connect(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=SOCKET_WAIT_S)
-    return sock
+    return socket.create_connection((host, int(port)), timeout=SOCKET_WAIT_S)
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -350,8 +349,6 @@ def test_chat_without_max_tokens_takes_the_chat_default(model_dir):
         server.stop()
     capped = ServerSettings(max_new_tokens=8)
     assert capped.default_chat_max_tokens == 256
-    from server.settings import RequestDefaults
-    from crsm_core.deliberation import DeliberationConfig
     assert RequestDefaults.of(capped, DeliberationConfig()).chat_max_tokens == 8
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 from crsm_core.backbone import MambaLM
 from crsm_core.config import tiny_config
@@ -121,4 +120,3 @@ def test_the_byte_tokenizer_stays_the_default_of_a_byte_model(tmp_path):
         assert isinstance(model.tokenizer, ByteTokenizer)
     finally:
         model.close()
-    torch.manual_seed(0)
