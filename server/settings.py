@@ -120,7 +120,7 @@ class ServerSettings(BaseModel):
     default_chat_max_tokens: int = Field(256, ge=1)
     """max_tokens of a chat request that gives none (at most max_new_tokens)"""
     api_key: str | None = Field(None, min_length=1, repr=False)
-    """the key clients send as `Authorization: Bearer KEY`; when set, every path but /health, /ready, /metrics and the viewer's page needs it (default: none asked)"""
+    """the key clients send as `Authorization: Bearer KEY`; when set, every path but /health, /ready, /metrics and the viewer's page needs it (default: none asked). Prefer the environment variable: a flag shows in the process list"""
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
     """largest request body in bytes; a larger one gets 413 before it is read"""
     header_timeout_s: float = Field(10.0, gt=0)
