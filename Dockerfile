@@ -3,7 +3,11 @@
 # CRSM server images. Two targets:
 #   docker build -t crsm-server:gpu .                 CUDA, mamba-ssm + causal-conv1d built for sm_90
 #   docker build -t crsm-server:cpu --target cpu .    CPU only (reference backbone)
-# Run:  docker run --gpus all -p 8000:8000 -v /path/to/model:/models:ro crsm-server:gpu
+# Run:  docker run --gpus all -p 8000:8000 -v /path/to/model:/models:ro --env-file crsm.env crsm-server:gpu
+# The images listen on 0.0.0.0 (every interface of the container) and accept any Host header: give the
+# server an API key, CRSM_API_KEY, from a secret at run time (an --env-file kept out of the repository,
+# compose's .env, a Kubernetes Secret), never in the image. Without one, anyone who reaches the port can
+# use the API. /health, /ready and /metrics stay open for probes and Prometheus.
 # docs/deployment.md has the details and what was checked without a Docker engine.
 
 ARG CUDA_VERSION=12.8.1
@@ -37,6 +41,7 @@ EXPOSE 8000
 # /health answers as soon as the process serves (model loading or not); /ready is for traffic.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+# CRSM_API_KEY: see the top of this file
 ENTRYPOINT ["crsm", "serve"]
 CMD ["--model", "/models", "--host", "0.0.0.0", "--port", "8000"]
 
@@ -101,5 +106,6 @@ WORKDIR /home/crsm
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+# CRSM_API_KEY: see the top of this file
 ENTRYPOINT ["crsm", "serve"]
 CMD ["--model", "/models", "--host", "0.0.0.0", "--port", "8000"]

@@ -48,7 +48,13 @@ class LiveServer:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         while True:
-            ready = httpx.get(self.url + "/ready", timeout=10)
+            if not self.thread.is_alive():  # a model that fails to load stops the server (its log says why)
+                raise RuntimeError("the server stopped before it was ready: the model did not load")
+            try:
+                ready = httpx.get(self.url + "/ready", timeout=10)
+            except httpx.ConnectError:  # stopping: the check above says so next time round
+                time.sleep(0.05)
+                continue
             if ready.status_code == 200:
                 return self
             if "model_load_failed" in ready.text or time.monotonic() > deadline:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import MambaLM, build_backbone
 from .config import ConfigError, MambaConfig
+from .files import check_directory, os_problem, read_text
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,13 @@ class CheckpointError(RuntimeError):
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
+        path.open("rb").close()  # safetensors reports an unreadable file as not found
         if path.suffix == ".safetensors":
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: file not found") from e
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{path}: {os_problem(e)}") from e
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: corrupt or unreadable weights file ({e})") from e
 
 
@@ -77,8 +79,7 @@ def save_pretrained(model: MambaLM, directory: str | Path, tokenizer: Tokenizer 
 
 def load_config(directory: str | Path) -> MambaConfig:
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: model directory not found")
+    check_directory(directory, CheckpointError)
     try:
         return MambaConfig.load(directory / CONFIG)
     except ConfigError as e:
@@ -126,9 +127,7 @@ def load_component_state(directory: str | Path, name: str) -> tuple[dict[str, to
     directory = Path(directory)
     config_path = directory / f"{name}.json"
     try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{config_path}: file not found") from e
+        config = json.loads(read_text(config_path, CheckpointError))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
     return _read_tensors(directory / f"{name}.safetensors"), config

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import read_text
+
 # The model directory the commands use when none is given: the repository's models/default.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 
@@ -115,10 +117,9 @@ class MambaConfig:
     @classmethod
     def load(cls, path: str | Path) -> "MambaConfig":
         path = Path(path)
+        text = read_text(path, ConfigError)
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: file not found") from e
+            raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
         try:

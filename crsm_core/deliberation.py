@@ -33,6 +33,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from .files import read_text
 from .injection import (DEFAULT_MAX_TARGET_NORM_RATIO, Due, InjectionEvent, TargetBuffer, Verdict,
                         check_norm_ratio, default_layer_weights)
 from .planner import PlannerConfig
@@ -60,8 +61,12 @@ def load_deliberation_config(directory: str | Path) -> "DeliberationConfig":
     path = Path(directory) / DELIBERATION_FILE
     if not path.exists():
         return DeliberationConfig()
+    text = read_text(path, ValueError)
     try:
-        return DeliberationConfig.from_dict(json.loads(path.read_text()))
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON object was expected, not {type(raw).__name__}")
+        return DeliberationConfig.from_dict(raw)
     except (json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
 

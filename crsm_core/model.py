@@ -111,7 +111,7 @@ class CRSMModel:
             value_heads = ValueHeads.load(directory, device).eval()
         else:
             logger.warning("%s has no %s; using untrained value heads", directory, VALUE_HEADS)
-        tokenizer = load_tokenizer(directory)
+        tokenizer = load_tokenizer(directory, backbone.config.vocab_size)
         return cls(backbone, tokenizer=tokenizer, dynamics=dynamics, value_heads=value_heads,
                    config=config or load_deliberation_config(directory), dynamics_top1=dynamics_top1(directory),
                    verifiers=shipped_verifiers(tokenizer))

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from .files import read_text
+
 TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_TOKENIZER = "tokenizer.json"
 
@@ -70,20 +72,28 @@ class HFTokenizer:
             json.dumps({"type": "hf", "eos_token": self.eos_token}, indent=2) + "\n")
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """tokenizer.json if present (eos from tokenizer_config.json), else the byte tokenizer."""
+def load_tokenizer(directory: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """tokenizer.json if present (eos from tokenizer_config.json), else the byte tokenizer.
+
+    vocab_size: the model's vocabulary. A directory with neither file gets the byte tokenizer only for a
+    model whose vocabulary is the byte tokenizer's: for any other, bytes would be wrong tokens, silently.
+    """
     directory = Path(directory)
     config: dict = {}
     config_path = directory / TOKENIZER_CONFIG
     if config_path.exists():
         try:
-            config = json.loads(config_path.read_text())
+            config = json.loads(read_text(config_path, TokenizerError))
         except json.JSONDecodeError as e:
             raise TokenizerError(f"{config_path}: not valid JSON ({e})") from e
     if (directory / HF_TOKENIZER).exists():
         return HFTokenizer(directory / HF_TOKENIZER, config.get("eos_token", "<|endoftext|>"))
     if config.get("type", "byte") != "byte":
         raise TokenizerError(f"{config_path}: type {config.get('type')!r} but {HF_TOKENIZER} is missing")
+    if not config and vocab_size not in (None, ByteTokenizer.vocab_size):
+        raise TokenizerError(f"{directory}: neither {TOKENIZER_CONFIG} nor {HF_TOKENIZER} found, and the model's "
+                             f"vocabulary ({vocab_size} tokens) is not the byte tokenizer's "
+                             f"({ByteTokenizer.vocab_size})")
     return ByteTokenizer()
 
 

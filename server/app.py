@@ -1,5 +1,6 @@
 """The app factory. The model is loaded in a thread after startup (so `/health` answers and `/ready` says
-503 meanwhile), then the engine starts; shutdown drains and stops it."""
+503 meanwhile), then the engine starts; a load that fails stops the server (Runtime.on_load_failure);
+shutdown drains and stops it. Requests pass the door (server/edge.py) before any route."""
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
@@ -8,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from . import generate_api, openai_api, status, ui
+from .edge import EdgeGuard
 from .errors import install_error_handlers
 from .metrics import RequestMetricsMiddleware
 from .runtime import Loader, Runtime, load_model
@@ -27,6 +29,8 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
     app = FastAPI(title="CRSM server", version="0.1.0", lifespan=lifespan)
     app.state.runtime = runtime
     install_error_handlers(app)
+    # the metrics count what the door refuses too (as "unmatched": no route was reached)
+    app.add_middleware(EdgeGuard, settings=settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
 
     @app.exception_handler(ClientGone)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 from types import FrameType
 
@@ -17,6 +18,7 @@ import uvicorn
 from crsm_core.checkpoint import CheckpointError, load_config
 
 from .app import create_app
+from .edge import protocol_for
 from .runtime import Loader, Runtime, load_model
 from .settings import ServerSettings, SettingsError
 
@@ -30,6 +32,13 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.runtime = runtime
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.load_failed = False
+        runtime.on_load_failure = self._load_failed
+
+    def _load_failed(self) -> None:
+        """A server whose model cannot load exits (non-zero: `serve`), rather than answer /health forever."""
+        self.load_failed = True
+        self.should_exit = True
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -55,20 +64,12 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-# How long an idle keep-alive connection stays open. It must outlast the idle expiry of clients' pools
-# (httpx, and so the openai client and ours: 5 s; uvicorn's own default is also 5 s): when both are equal,
-# a client sometimes sends a request on a connection the server is closing at that moment and gets a
-# read error it cannot safely retry (seen in the load test of tests/reliability: 1 to 4 read errors in
-# about 1000 requests).
-# 65 s also outlasts the usual load balancers' 60 s idle timeout, for the same reason.
-KEEP_ALIVE_S = 65
-
-
 def build_server(settings: ServerSettings, log_level: str = "info", loader: Loader = load_model) -> GracefulServer:
     app = create_app(settings, loader)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level.lower(),
                             timeout_graceful_shutdown=int(settings.shutdown_drain_s) + 5,
-                            timeout_keep_alive=KEEP_ALIVE_S, lifespan="on")
+                            timeout_keep_alive=settings.keep_alive_s, http=protocol_for(settings),
+                            lifespan="on")
     return GracefulServer(config, app.state.runtime)
 
 
@@ -85,5 +86,25 @@ def serve(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         log.error("cannot serve: %s", e)
         return 2
-    build_server(settings, args.log_level).run()
-    return 0
+    raise_open_files_limit(settings.max_connections)
+    server = build_server(settings, args.log_level)
+    server.run()
+    return 1 if server.load_failed else 0
+
+
+# File descriptors besides the connections': the model's files, the loop, logs, the planner's threads.
+SPARE_FILES = 256
+
+
+def raise_open_files_limit(max_connections: int) -> None:
+    """Raise the soft limit on open files to what `max_connections` needs (within the hard limit), so that
+    the connection cap, not the file descriptors, decides (a busy server used to fail every accept with
+    "Too many open files")."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            log.warning("open files are limited to %d: fewer than max_connections (%d) + %d", target,
+                        max_connections, SPARE_FILES)

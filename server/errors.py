@@ -18,6 +18,10 @@ from crsm_core.engine import EngineClosed, ErrorEvent, QueueFull, RequestError
 log = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
+# pydantic's error types for a body that is not an object (or was not parsed as JSON)
+NOT_AN_OBJECT = frozenset({"model_attributes_type", "model_type", "dict_type"})
+# codes of the errors Starlette raises itself
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 class APIError(Exception):
@@ -70,6 +74,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
                         code="json_invalid")
+    if not loc and first.get("type") in NOT_AN_OBJECT:  # the body whole: not JSON (no content type) or no object
+        return APIError(400, "the request body must be a JSON object, sent as 'Content-Type: application/json'",
+                        code="json_invalid")
     where = ".".join(loc)
     message = f"{where}: {first['msg']}" if where else first["msg"]
     extra = len(exc.errors()) - 1
@@ -89,8 +96,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's JSON parsing of a body that is not UTF-8 (it says only "error parsing the body")
+            return APIError(400, f"the request body is not valid JSON: not UTF-8 ({exc.__cause__.reason} at byte "
+                                 f"{exc.__cause__.start})", code="json_invalid").response()
         kind = "not_found_error" if exc.status_code == 404 else INVALID_REQUEST
-        return APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {})).response()
+        return APIError(exc.status_code, str(exc.detail), kind, code=HTTP_CODES.get(exc.status_code),
+                        headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -55,7 +55,7 @@ def failure(error: GenerationFailed) -> APIError:
 async def generate(body: GenerateRequest, request: Request):
     runtime = runtime_of(request)
     _, tokenizer = runtime.require_engine()
-    ids = body.token_ids if body.token_ids is not None else tokenizer.encode(body.prompt)
+    ids = body.token_ids if body.token_ids is not None else (await runtime.encode([body.prompt]))[0]
     gen = body.to_generation_request(ids, runtime.defaults)
     param_names = {"prompt": "token_ids"} if body.token_ids is not None else {"token_ids": "prompt"}
     [session] = runtime.submit([gen], param_names)

@@ -104,9 +104,9 @@ async def completions(body: CompletionRequest, request: Request):
     _, tokenizer = runtime.require_engine()
     raw = body.prompt
     if isinstance(raw, str):
-        prompts = [tokenizer.encode(raw)]
+        prompts = await runtime.encode([raw])
     elif all(isinstance(p, str) for p in raw):
-        prompts = [tokenizer.encode(p) for p in raw]
+        prompts = await runtime.encode(raw)
     elif all(isinstance(p, int) for p in raw):
         prompts = [list(raw)]
     else:
@@ -140,8 +140,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     runtime = runtime_of(request)
     runtime.check_model(body.model)
-    _, tokenizer = runtime.require_engine()
-    prompts = [tokenizer.encode(render_chat([(m.role, m.text()) for m in body.messages]))]
+    prompts = await runtime.encode([render_chat([(m.role, m.text()) for m in body.messages])])
     sessions = _submit(runtime, body, prompts)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
 

@@ -12,7 +12,8 @@ from fastapi import Request
 
 from crsm_core.engine import Engine, EngineClosed, GenerationRequest, QueueFull, RequestError, Session
 from crsm_core.model import CRSMModel
-from crsm_core.tokenizer import Tokenizer
+from crsm_core.checkpoint import CheckpointError
+from crsm_core.tokenizer import Tokenizer, TokenizerError
 
 from .errors import APIError, from_engine, not_ready
 from .metrics import ServerMetrics, StatusHistory
@@ -21,6 +22,14 @@ from .settings import RequestDefaults, ServerSettings
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ServerSettings], CRSMModel]
+
+# Encoding this many characters takes about a millisecond with the byte tokenizer (more with BPE): longer
+# texts are encoded off the event loop.
+LONG_TEXT_CHARS = 16_384
+# Of a client's string (a model name), error messages quote at most this many characters.
+ECHO_CHARS = 64
+# Failures of a model directory that name their file: logged without a traceback.
+LOAD_ERRORS = (CheckpointError, TokenizerError, ValueError, OSError)
 
 
 def load_model(settings: ServerSettings) -> CRSMModel:
@@ -42,6 +51,7 @@ class Runtime:
         self.tokenizer: Tokenizer | None = None
         self._defaults: RequestDefaults | None = None
         self.load_error: str | None = None
+        self.on_load_failure: Callable[[], None] | None = None  # called on the event loop
         self._loader = loader
         self._load_task: asyncio.Task | None = None
         self._status_task: asyncio.Task | None = None
@@ -54,9 +64,14 @@ class Runtime:
     async def load(self) -> None:
         try:
             engine = await asyncio.to_thread(self._build)
-        except Exception as e:  # surfaced on /ready; the process stays up to say why
-            log.exception("loading the model from %s failed", self.settings.model_dir)
-            self.load_error = f"{type(e).__name__}: {e}"
+        except Exception as e:
+            # the log says what and where (paths, the exception); /ready only that it failed. A server
+            # that cannot serve exits (`on_load_failure`), so that probes and process managers see it.
+            log.error("cannot serve: loading the model from %s failed: %s", self.settings.model_dir, e,
+                      exc_info=not isinstance(e, LOAD_ERRORS))
+            self.load_error = "the model failed to load (the server's log says why)"
+            if self.on_load_failure is not None:
+                self.on_load_failure()
             return
         self.metrics.bind(engine)
         engine.start()
@@ -100,7 +115,7 @@ class Runtime:
         if self.engine is None or self.tokenizer is None:
             retry_after_s = self.settings.engine.retry_after_s
             if self.load_error is not None:
-                raise not_ready(f"the model failed to load: {self.load_error}", "model_load_failed", retry_after_s)
+                raise not_ready(self.load_error, "model_load_failed", retry_after_s)
             raise not_ready("the model is loading", "model_loading", retry_after_s)
         return self.engine, self.tokenizer
 
@@ -113,8 +128,16 @@ class Runtime:
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(400, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+            raise APIError(400, f"the model {shortened(name)} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+
+    async def encode(self, texts: list[str]) -> list[list[int]]:
+        """The texts' token ids; long texts are encoded in a worker thread, so that the event loop (every
+        other stream) does not wait for them."""
+        _, tokenizer = self.require_engine()
+        if sum(len(t) for t in texts) <= LONG_TEXT_CHARS:
+            return [tokenizer.encode(t) for t in texts]
+        return await asyncio.to_thread(lambda: [tokenizer.encode(t) for t in texts])
 
     def submit(self, requests: list[GenerationRequest], param_names: dict[str, str] | None = None) -> list[Session]:
         engine, _ = self.require_engine()
@@ -122,6 +145,13 @@ class Runtime:
             return engine.submit_all(requests)
         except (RequestError, QueueFull, EngineClosed) as e:
             raise from_engine(e, param_names) from e
+
+
+def shortened(text: str, keep: int = ECHO_CHARS) -> str:
+    """A client's string as error messages quote it: repr'd, and cut to `keep` characters."""
+    if len(text) <= keep:
+        return repr(text)
+    return f"{text[:keep]!r}... ({len(text)} characters)"
 
 
 def runtime_of(request: Request) -> Runtime:

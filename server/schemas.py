@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from crsm_core.deliberation import DeliberationConfig
 from crsm_core.engine import GenerationRequest
@@ -26,6 +26,7 @@ TopK = Field(0, ge=0)
 # The 64-bit range torch's generators take (the engine keeps a seed's 64 bits); a seed outside it used
 # to fail in the engine with a 500.
 Seed = Field(None, ge=-2**63, le=2**64 - 1)
+# Integer fields are StrictInt: "16", true and 16.0 are refused (400) rather than read as 16 or 1.
 MAX_STOPS = 8
 
 
@@ -68,12 +69,12 @@ def _generation_request(body: GenerateRequest | _OpenAIRequest, prompt_ids: Sequ
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str | None = None
-    token_ids: list[int] | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    token_ids: list[StrictInt] | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Temperature
     top_p: float = TopP
-    top_k: int = TopK
-    seed: int | None = Seed
+    top_k: StrictInt = TopK
+    seed: StrictInt | None = Seed
     stop: list[str] = Field(default_factory=list)  # a string or a list of strings
     stream: bool = False
     ignore_eos: bool = False
@@ -133,17 +134,17 @@ class _OpenAIRequest(BaseModel):
     model: str
     temperature: float = Temperature
     top_p: float = TopP
-    n: int = Field(1, ge=1, le=16)
+    n: StrictInt = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: list[str] = Field(default_factory=list)  # a string or a list of strings
-    seed: int | None = Seed
+    seed: StrictInt | None = Seed
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     # extensions (vLLM spells them the same way)
-    top_k: int = TopK
+    top_k: StrictInt = TopK
     ignore_eos: bool = False
 
     @field_validator("stop", mode="before")
@@ -179,8 +180,8 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=1)
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: StrictInt | None = Field(None, ge=1)
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -219,12 +220,12 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     extra_stops: ClassVar[tuple[str, ...]] = CHAT_STOPS
 
     def max_tokens_or(self, defaults: RequestDefaults) -> int:
-        return self.max_completion_tokens or self.max_tokens or defaults.max_new_tokens
+        return self.max_completion_tokens or self.max_tokens or defaults.chat_max_tokens
 
 
 class CompletionChoice(BaseModel):

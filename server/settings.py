@@ -116,7 +116,25 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     """port to listen on (0: any free port)"""
     default_max_tokens: int = Field(16, ge=1)
-    """max_tokens of a request that gives none (OpenAI's completions default; chat: max_new_tokens)"""
+    """max_tokens of a completion or generate request that gives none (OpenAI's completions default)"""
+    default_chat_max_tokens: int = Field(256, ge=1)
+    """max_tokens of a chat request that gives none (at most max_new_tokens)"""
+    api_key: str | None = Field(None, min_length=1, repr=False)
+    """the key clients send as `Authorization: Bearer KEY`; when set, every path but /health, /ready, /metrics and the viewer's page needs it (default: none asked). Prefer the environment variable: a flag shows in the process list"""
+    max_body_bytes: int = Field(4 * 2**20, ge=1024)
+    """largest request body in bytes; a larger one gets 413 before it is read"""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """seconds a connection has to send a request's head (line and headers) once it opened or began it; then 408 and closed"""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """seconds a request has to send its whole body after its head; then 408 and closed"""
+    # 65 s: more than clients' pools keep an idle connection (httpx, so the openai client and ours: 5 s) and
+    # than the usual load balancers' 60 s, so that it is the client that closes it. With both at 5 s a client
+    # sometimes sent a request on a connection the server was closing at that moment and got a read error
+    # it cannot safely retry (the load test of tests/reliability: 1 to 4 in about 1000 requests).
+    keep_alive_s: float = Field(65.0, gt=0)
+    """seconds an idle keep-alive connection stays open (more than clients' pools and load balancers keep theirs)"""
+    max_connections: int = Field(1024, ge=1)
+    """open connections at most; one more is answered 503 and closed at once"""
     shutdown_drain_s: float = Field(10.0, ge=0)
     """seconds running sessions get to finish on shutdown"""
     torch_threads: int | None = Field(None, ge=1)
@@ -278,12 +296,14 @@ def _flat_name(loc: tuple) -> str:
 class RequestDefaults:
     """The values of the fields a request leaves out: the server's settings over the model's own."""
     max_tokens: int                        # completions and /v1/generate
-    max_new_tokens: int                    # the limit; chat's default (OpenAI's chat has no smaller one)
+    max_new_tokens: int                    # the limit
+    chat_max_tokens: int                   # chat's default, within the limit
     deliberation_enabled: bool
     deliberation: DeliberationConfig       # the model's, with the server's knobs applied
 
     @classmethod
     def of(cls, settings: ServerSettings, model_deliberation: DeliberationConfig) -> "RequestDefaults":
         deliberation = settings.deliberation.apply_to(dataclasses.replace(model_deliberation, enabled=True))
-        return cls(settings.default_max_tokens, settings.engine.max_new_tokens, settings.deliberation.enabled,
-                   deliberation)
+        limit = settings.engine.max_new_tokens
+        return cls(min(settings.default_max_tokens, limit), limit, min(settings.default_chat_max_tokens, limit),
+                   settings.deliberation.enabled, deliberation)

@@ -80,8 +80,8 @@ def test_no_package_imports_one_above_it(package, above):
 
 # What a subcommand needs is imported when it runs: none of this at startup.
 HEAVY = ("torch", "numpy", "safetensors", "tokenizers", "fastapi", "starlette", "uvicorn", "httpx", "yaml")
-LIGHT_OURS = {"crsm", "crsm.cli", "crsm_core", "crsm_core.cli", "crsm_core.config", "crsm_core.engine_config",
-              "crsm_core.bench", "crsm_core.bench.cli", "crsm_core.bench.settings", "crsm_core.training",
+LIGHT_OURS = {"crsm", "crsm.cli", "crsm_core", "crsm_core.cli", "crsm_core.config", "crsm_core.files",
+              "crsm_core.engine_config", "crsm_core.bench", "crsm_core.bench.cli", "crsm_core.bench.settings", "crsm_core.training",
               "crsm_core.training.cli", "server", "server.settings"}
 
 

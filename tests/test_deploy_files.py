@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -342,6 +343,8 @@ def test_compose_services_profiles_and_mounts():
         assert re.fullmatch(r"\$\{CRSM_MODEL_DIR:-[^}]+\}", source), source
         assert (target_dir, mode) == ("/models", "ro")
     for name in ("crsm-gpu", "crsm-cpu"):
+        # bound to every interface: the API key is required, from the environment (never in the file)
+        assert services[name]["environment"]["CRSM_API_KEY"].startswith("${CRSM_API_KEY:?")
         grace_s = int(services[name]["stop_grace_period"].removesuffix("s"))
         assert float(services[name]["environment"]["CRSM_SHUTDOWN_DRAIN_S"]) < grace_s
     devices = services["crsm-gpu"]["deploy"]["resources"]["reservations"]["devices"]
@@ -367,7 +370,10 @@ def _compose_command() -> list[str]:
 
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
 def test_docker_compose_config_validates(profile):
-    done = _run([*_compose_command(), "--profile", profile, "config", "--format", "json"], cwd=ROOT)
+    command = [*_compose_command(), "--profile", profile, "config", "--format", "json"]
+    refused = _run(command, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "CRSM_API_KEY"})
+    assert "CRSM_API_KEY is missing a value" in refused.stderr  # no key, no server
+    done = _run(command, cwd=ROOT, env={**os.environ, "CRSM_API_KEY": "test-key"})
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
     assert set(services) == {f"crsm-{profile}", "prometheus", "grafana"}
@@ -477,8 +483,10 @@ def test_k8s_deployment_probes_gpu_and_termination():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     drain_s = float(env["CRSM_SHUTDOWN_DRAIN_S"])
+    # bound to 0.0.0.0: the API key comes from a Secret, not from the manifest
+    assert set(env["CRSM_API_KEY"]) == {"secretKeyRef"} and env["CRSM_API_KEY"]["secretKeyRef"]["name"]
     assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + drain_s
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == SERVER_UID
@@ -520,7 +528,8 @@ def test_k8s_autoscaler_metrics_come_from_adapter_rules(exported):
 
 def test_k8s_doc_explains_sessions_and_termination():
     text = (K8S / "README.md").read_text()
-    for topic in ("sessionAffinity", "preStop", "terminationGracePeriodSeconds", "one HTTP response"):
+    for topic in ("sessionAffinity", "preStop", "terminationGracePeriodSeconds", "one HTTP response",
+                  "kubectl create secret generic crsm-api-key", "0.0.0.0"):
         assert topic in text, topic
 
 
