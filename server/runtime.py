@@ -113,7 +113,8 @@ class Runtime:
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(400, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+            # OpenAI's answer to an unknown model: 404, code model_not_found
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
     def submit(self, requests: list[GenerationRequest], param_names: dict[str, str] | None = None) -> list[Session]:

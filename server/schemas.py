@@ -9,9 +9,10 @@ parameters: the fields a request leaves out take `RequestDefaults` (the server's
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from crsm_core.deliberation import DeliberationConfig
 from crsm_core.engine import GenerationRequest
@@ -123,6 +124,46 @@ class GenerateResponse(BaseModel):
 
 
 # ---- OpenAI API ---------------------------------------------------------------------------------------
+#
+# A field is implemented, or refused with a 400 naming it (code `unsupported_parameter`), or one of those
+# OpenAI itself accepts without any effect on the output (`user`, `metadata`, ...). The table is in
+# docs/serving.md.
+
+UNSUPPORTED = "unsupported_parameter"
+
+
+def unsupported(message: str) -> PydanticCustomError:
+    """A refusal of a field we do not implement: a 400 whose `param` is the field and code UNSUPPORTED."""
+    return PydanticCustomError(UNSUPPORTED, message)
+
+
+def invalid(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", message)
+
+
+def _refused(what: str, allowed: tuple = (None,)):
+    """A validator refusing any value but `allowed` (the field's type in the schema says what is allowed)."""
+    def check(value: Any) -> Any:
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        raise unsupported(f"{what} is not supported")
+    return BeforeValidator(check)
+
+
+def _not_supported(what: str):
+    """A field accepted only when left out or null."""
+    return Field(None, description=f"not supported: {what}; refused unless null")
+
+
+class TextResponseFormat(BaseModel):
+    type: Literal["text"]
+
+
+def _text_response_format(value: Any) -> Any:
+    if isinstance(value, dict) and value.get("type") in ("json_object", "json_schema"):
+        raise unsupported(f"response_format {value['type']!r} is not supported (only 'text')")
+    return value
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -135,29 +176,37 @@ class _OpenAIRequest(BaseModel):
     top_p: float = TopP
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     stop: list[str] = Field(default_factory=list)  # a string or a list of strings
     seed: int | None = Seed
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float, _refused("presence_penalty", (0.0, 0))] = 0.0
+    frequency_penalty: Annotated[float, _refused("frequency_penalty", (0.0, 0))] = 0.0
+    logit_bias: Annotated[dict[str, float] | None, _refused("logit_bias", (None, {}))] = None
+    response_format: Annotated[TextResponseFormat | None, BeforeValidator(_text_response_format)] = Field(
+        None, description="only {\"type\": \"text\"}; json_object and json_schema are refused")
     # extensions (vLLM spells them the same way)
     top_k: int = TopK
     ignore_eos: bool = False
+    # vLLM's sampling extensions, not implemented: refused unless they have their neutral value
+    min_tokens: Annotated[int, _refused("min_tokens", (0,))] = 0
+    stop_token_ids: Annotated[list[int] | None, _refused("stop_token_ids", (None, []))] = None
+    include_stop_str_in_output: Annotated[bool, _refused("include_stop_str_in_output", (False,))] = False
+    repetition_penalty: Annotated[float, _refused("repetition_penalty", (1.0, 1))] = 1.0
+    min_p: Annotated[float, _refused("min_p", (0.0, 0))] = 0.0
 
     @field_validator("stop", mode="before")
     @classmethod
     def _check_stop(cls, v):
         return _stops(v)
 
-    @model_validator(mode="after")
-    def _unsupported(self):
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        return self
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo):
+        # as OpenAI and vLLM: stream_options without stream is a mistake, not a no-op
+        if value is not None and info.data.get("stream") is not True:
+            raise invalid("stream_options is only allowed when stream is true")
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -182,18 +231,22 @@ class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1)
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    logprobs: Annotated[None, _refused("logprobs")] = _not_supported("logprobs")
+    best_of: int | None = Field(None, ge=1, description="only equal to n (or left out)")
+    suffix: Annotated[None, _refused("suffix")] = _not_supported("suffix")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo):
+        n = info.data.get("n", 1)
+        if value is not None and value < n:
+            raise invalid(f"best_of must be at least n ({n}), got {value}")
+        if value is not None and value > n:
+            raise unsupported("best_of greater than n is not supported")
+        return value
 
     @model_validator(mode="after")
-    def _unsupported_completion(self):
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
+    def _prompt_not_empty(self):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be an empty list")
         return self
@@ -202,16 +255,38 @@ class CompletionRequest(_OpenAIRequest):
         return self.max_tokens or defaults.max_tokens
 
 
+NON_TEXT_PARTS = ("image_url", "input_audio", "file", "refusal")
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
 
 
+def _text_parts(value: Any) -> Any:
+    """Name a non-text content part plainly (a union's error would list every alternative it failed)."""
+    if isinstance(value, list):
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in NON_TEXT_PARTS:
+                raise unsupported(f"content part {i} is of type {kind!r}; only text parts are supported")
+    return value
+
+
+def _chat_role(value: Any) -> Any:
+    if value in ("tool", "function"):
+        raise unsupported(f"{value} messages are not supported (no tool calling)")
+    return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Annotated[Literal["system", "developer", "user", "assistant"], BeforeValidator(_chat_role)]
+    content: Annotated[str | list[ContentPart], BeforeValidator(_text_parts)]
+    name: Annotated[None, _refused("name (the chat template has no speaker names)")] = _not_supported("name")
+    tool_calls: Annotated[None, _refused("tool_calls", (None, []))] = _not_supported("tool calls")
+    function_call: Annotated[None, _refused("function_call")] = _not_supported("function calls")
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -221,7 +296,29 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Annotated[bool | None, _refused("logprobs", (False, None))] = None
+    top_logprobs: Annotated[None, _refused("top_logprobs")] = _not_supported("top_logprobs")
+    # tools are refused unless the model is told not to call them (then they are inert)
+    tool_choice: Annotated[Literal["none"] | None, _refused("tool_choice other than 'none'", (None, "none"))] = Field(
+        None, description="only 'none'")
+    tools: list[dict] | None = Field(None, description="only with tool_choice 'none'")
+    functions: Annotated[None, _refused("functions")] = _not_supported("function calling")
+    function_call: Annotated[Literal["none"] | None, _refused("function_call other than 'none'", (None, "none"))] = (
+        Field(None, description="only 'none'"))
+    audio: Annotated[None, _refused("audio output")] = _not_supported("audio output")
+    modalities: Annotated[list[Literal["text"]] | None, _refused("modalities other than ['text']", (None, ["text"]))] = (
+        Field(None, description="only ['text']"))
+    prediction: Annotated[None, _refused("prediction")] = _not_supported("predicted outputs")
+    reasoning_effort: Annotated[None, _refused("reasoning_effort")] = _not_supported("reasoning models' effort")
+    web_search_options: Annotated[None, _refused("web_search_options")] = _not_supported("web search")
     extra_stops: ClassVar[tuple[str, ...]] = CHAT_STOPS
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_only_if_unused(cls, value: list[dict] | None, info: ValidationInfo):
+        if value and info.data.get("tool_choice") != "none":
+            raise unsupported("tools are not supported (unless tool_choice is 'none')")
+        return value
 
     def max_tokens_or(self, defaults: RequestDefaults) -> int:
         return self.max_completion_tokens or self.max_tokens or defaults.max_new_tokens
