@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from . import generate_api, openai_api, status, ui
 from .errors import install_error_handlers
 from .metrics import RequestMetricsMiddleware
-from .runtime import Loader, Runtime, load_model
+from .runtime import SERVER_VERSION, Loader, Runtime, load_model
 from .settings import ServerSettings
 from .streaming import ClientGone
 
@@ -24,7 +24,7 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
         yield
         await runtime.begin_shutdown()
 
-    app = FastAPI(title="CRSM server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="CRSM server", version=SERVER_VERSION, lifespan=lifespan)
     app.state.runtime = runtime
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics)
@@ -33,7 +33,7 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; recorded in the request metrics
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD
     async def health() -> dict:
         return {"status": "ok"}
 

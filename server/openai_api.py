@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+"""OpenAI-compatible endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models` (and one model's
+card), and vLLM's `/tokenize`, `/detokenize` and `/version`.
 
 Every (prompt, n) pair is one engine session; all of a request's sessions are queued together (or the
 request is refused with 429). With a seed and n > 1, choice j uses seed + j. Streams end with
@@ -17,11 +18,13 @@ from fastapi import APIRouter, Request
 from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, Session, TokenEvent
 
 from .chat_template import render_chat
+from .errors import APIError
 from .generate_api import error_payload, failure
-from .runtime import Runtime, runtime_of
+from .runtime import SERVER_VERSION, Runtime, runtime_of
 from .schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                       ChatCompletionResponse, ChatDelta, ChatMessageOut, CompletionChoice, CompletionRequest,
-                      CompletionResponse, ModelCard, ModelList, Usage, _OpenAIRequest)
+                      CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+                      TokenizeRequest, TokenizeResponse, Usage, VersionResponse, _OpenAIRequest)
 from .streaming import merge, sse, sse_response, unless_disconnected
 
 router = APIRouter()
@@ -30,10 +33,52 @@ DONE = "data: [DONE]\n\n"
 PARAM_NAMES = {"token_ids": "prompt"}
 
 
+def _card(runtime: Runtime) -> ModelCard:
+    return ModelCard(id=runtime.model_name, created=runtime.created, root=str(runtime.settings.model_dir),
+                     max_model_len=runtime.max_model_len)
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
+    return ModelList(data=[_card(runtime_of(request))])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def model(model_id: str, request: Request) -> ModelCard:
     runtime = runtime_of(request)
-    return ModelList(data=[ModelCard(id=runtime.model_name, created=runtime.created)])
+    runtime.check_model(model_id)
+    return _card(runtime)
+
+
+# ---- vLLM's tokenizer endpoints and version ---------------------------------------------------------------
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    runtime = runtime_of(request)
+    if body.model is not None:
+        runtime.check_model(body.model)
+    _, tokenizer = runtime.require_engine()
+    ids = tokenizer.encode(body.text())
+    strs = [tokenizer.decode([t]) for t in ids] if body.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=runtime.max_model_len, tokens=ids, token_strs=strs)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    runtime = runtime_of(request)
+    if body.model is not None:
+        runtime.check_model(body.model)
+    engine, tokenizer = runtime.require_engine()
+    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token ids outside the vocabulary [0, {engine.vocab_size}): {bad[:8]}", param="tokens",
+                       code="invalid_value")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version() -> VersionResponse:
+    return VersionResponse(version=SERVER_VERSION)
 
 
 def _submit(runtime: Runtime, body: _OpenAIRequest, prompts: list[list[int]]) -> list[Session]:

@@ -3,6 +3,7 @@ engine and the defaults of the fields a request leaves out."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from typing import Callable
@@ -21,6 +22,7 @@ from .settings import RequestDefaults, ServerSettings
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ServerSettings], CRSMModel]
+SERVER_VERSION = importlib.metadata.version("crsm-server")
 
 
 def load_model(settings: ServerSettings) -> CRSMModel:
@@ -50,6 +52,12 @@ class Runtime:
     @property
     def model_name(self) -> str:
         return self.settings.served_model_name
+
+    @property
+    def max_model_len(self) -> int:
+        """The most tokens one session holds: the longest prompt and the most new tokens (as vLLM's
+        max_model_len: the recurrent model itself has no context limit)."""
+        return self.settings.engine.max_prompt_tokens + self.settings.engine.max_new_tokens
 
     async def load(self) -> None:
         try:

@@ -18,7 +18,7 @@ from crsm_core.deliberation import DeliberationConfig
 from crsm_core.engine import GenerationRequest
 from crsm_core.sampling import SamplingParams
 
-from .chat_template import CHAT_STOPS
+from .chat_template import CHAT_STOPS, render_chat
 from .settings import DeliberationKnobs, RequestDefaults
 
 Temperature = Field(1.0, ge=0.0, le=2.0)
@@ -387,8 +387,55 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "crsm"
+    root: str              # as vLLM: where the weights are (the model directory)
+    parent: str | None = None   # the model this one adapts (none: no adapters are served)
+    max_model_len: int     # the longest prompt plus the most tokens a request may generate
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- tokenizer endpoints (vLLM's /tokenize and /detokenize) ----------------------------------------------
+
+class TokenizeRequest(BaseModel):
+    """Exactly one of `prompt` and `messages` (rendered by the chat template, as chat completions does)."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="no effect: the tokenizers served add no special tokens")
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def text(self) -> str:
+        if self.messages is None:
+            return self.prompt
+        return render_chat([(m.role, m.text()) for m in self.messages])
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

@@ -3,6 +3,8 @@ model: the fields a request may send are implemented or refused with a 400 namin
 has the table), and the endpoints OpenAI and vLLM clients call."""
 from __future__ import annotations
 
+import importlib.metadata
+
 import httpx
 import openai
 import pytest
@@ -88,3 +90,45 @@ def test_an_unknown_model_is_404_model_not_found(client):
         with pytest.raises(openai.NotFoundError) as missing:
             call(client, model="gpt-4")
         assert (missing.value.status_code, missing.value.code, missing.value.param) == (404, "model_not_found", "model")
+
+
+# ---- endpoints ----------------------------------------------------------------------------------------
+
+def test_models_retrieve_and_list_carry_vllms_fields(client, live, model_dir):  # noqa: F811
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.owned_by) == (MODEL, "model", "crsm")
+    # settings_for: max_prompt_tokens 512, max_new_tokens ENDLESS
+    assert card.model_extra == {"root": str(model_dir), "parent": None, "max_model_len": 512 + 100_000}
+    [listed] = client.models.list().data
+    assert listed == card
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4")
+    assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
+
+
+def test_tokenize_and_detokenize_round_trip(live):
+    r = httpx.post(live.url + "/tokenize", json={"model": MODEL, "prompt": "héllo", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    tokenized = r.json()
+    assert tokenized["tokens"] == list("héllo".encode()) and tokenized["count"] == 6  # the byte tokenizer
+    assert tokenized["max_model_len"] == 512 + 100_000 and len(tokenized["token_strs"]) == 6
+    back = httpx.post(live.url + "/detokenize", json={"model": MODEL, "tokens": tokenized["tokens"]}).json()
+    assert back == {"prompt": "héllo"}
+
+    # messages are rendered as chat completions renders them: the counts agree with its usage
+    chat_prompt = httpx.post(live.url + "/tokenize", json={"messages": MESSAGES}).json()
+    answer = openai.OpenAI(base_url=live.url + "/v1", api_key="unused").chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=1)
+    assert chat_prompt["count"] == answer.usage.prompt_tokens and chat_prompt["token_strs"] is None
+
+    for path, body, param in [("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
+                              ("/tokenize", {"prompt": "a", "messages": MESSAGES}, None),
+                              ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model")]:
+        r = httpx.post(live.url + path, json=body)
+        assert r.status_code == (404 if param == "model" else 400) and r.json()["error"]["param"] == param
+
+
+def test_version_and_head_health(live):
+    assert httpx.get(live.url + "/version").json() == {"version": importlib.metadata.version("crsm-server")}
+    head = httpx.head(live.url + "/health")
+    assert head.status_code == 200 and head.content == b""
