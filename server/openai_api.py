@@ -173,8 +173,8 @@ async def completions(body: CompletionRequest, request: Request):
         return sse_response(_stream(sessions, prompts, body.include_usage, chunk, opening, usage_chunk))
 
     done = await _collect(request, sessions)
-    choices = [CompletionChoice(index=i, text=echoes[i // body.n] + c.text, finish_reason=c.done.finish_reason)
-               for i, c in enumerate(done)]
+    choices = [CompletionChoice(index=i, text=echoes[i // body.n] + c.text, finish_reason=c.done.finish_reason,
+                                deliberation=c.done.deliberation) for i, c in enumerate(done)]
     return CompletionResponse(id=cid, created=created, model=model, choices=choices,
                               usage=_usage(prompts, sum(c.done.usage.completion_tokens for c in done)))
 
@@ -204,7 +204,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                     lambda usage: message([], usage)))
 
     done = await _collect(request, sessions)
-    choices = [ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.done.finish_reason)
-               for i, c in enumerate(done)]
+    choices = [ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.done.finish_reason,
+                          deliberation=c.done.deliberation) for i, c in enumerate(done)]
     return ChatCompletionResponse(id=cid, created=created, model=model, choices=choices,
                                   usage=_usage(prompts, sum(c.done.usage.completion_tokens for c in done)))

@@ -194,6 +194,8 @@ class _OpenAIRequest(BaseModel):
     include_stop_str_in_output: Annotated[bool, _refused("include_stop_str_in_output", (False,))] = False
     repetition_penalty: Annotated[float, _refused("repetition_penalty", (1.0, 1))] = 1.0
     min_p: Annotated[float, _refused("min_p", (0.0, 0))] = 0.0
+    # the native API's deliberation object (OpenAI clients send it through extra_body)
+    deliberation: DeliberationRequest | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -224,7 +226,7 @@ class _OpenAIRequest(BaseModel):
         same bits as a seed, so -1 and 2**64 - 1 are one seed)."""
         seed = None if self.seed is None else (self.seed + choice) % 2**64
         return _generation_request(self, prompt_ids, self.max_tokens_or(defaults), seed,
-                                   [*self.stop, *self.extra_stops], None, defaults)
+                                   [*self.stop, *self.extra_stops], self.deliberation, defaults)
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -329,6 +331,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: str | None
+    deliberation: dict | None = None   # the session's deliberation counters, when it deliberated
 
 
 class CompletionResponse(BaseModel):
@@ -350,6 +353,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: None = None
     finish_reason: str | None
+    deliberation: dict | None = None   # the session's deliberation counters, when it deliberated
 
 
 class ChatCompletionResponse(BaseModel):

@@ -3,12 +3,21 @@ model: the fields a request may send are implemented or refused with a 400 namin
 has the table), and the endpoints OpenAI and vLLM clients call."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import json
 
 import httpx
 import openai
 import pytest
+import torch
 
+from crsm_core.backbone import MambaLM
+from crsm_core.config import tiny_config
+from crsm_core.deliberation import DELIBERATION_FILE
+from crsm_core.model import CRSMModel
+from crsm_core.tokenizer import ByteTokenizer
+from crsm_core.value import ValueHeads, ValueHeadsConfig
 from test_server import MODEL, LiveServer, model_dir, one_torch_thread, settings_for  # noqa: F401 (fixtures)
 
 
@@ -132,3 +141,65 @@ def test_version_and_head_health(live):
     assert httpx.get(live.url + "/version").json() == {"version": importlib.metadata.version("crsm-server")}
     head = httpx.head(live.url + "/health")
     assert head.status_code == 200 and head.content == b""
+
+
+# ---- deliberation through extra_body ------------------------------------------------------------------
+
+SYNCHRONOUS = {"enabled": True, "synchronous": True, "simulations": 4, "injection_rate": 0.5}
+
+
+def test_deliberation_through_extra_body_is_the_native_one(client, live):
+    prompt, seed = "think ahead", 5
+    native = httpx.post(live.url + "/v1/generate", json={"prompt": prompt, "max_tokens": 8, "seed": seed,
+                                                         "ignore_eos": True, "deliberation": SYNCHRONOUS}).json()
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=seed,
+                                       extra_body={"ignore_eos": True, "deliberation": SYNCHRONOUS})
+    [choice] = answer.choices
+    # synchronous plans make the output a function of the request: the same text and counters
+    assert choice.text == native["text"]
+    outcomes = ("produced", "applied", "applied_late", "pruned", "vetoed", "diverged", "rejected", "simulations")
+    assert {k: choice.model_extra["deliberation"][k] for k in outcomes} == {k: native["deliberation"][k] for k in outcomes}
+    assert native["deliberation"]["produced"] >= 8
+
+    replied = chat(client, max_tokens=4, extra_body={"deliberation": SYNCHRONOUS})
+    assert replied.choices[0].model_extra["deliberation"]["produced"] >= 1
+    assert chat(client).choices[0].model_extra["deliberation"] is None
+
+
+@pytest.fixture(scope="module")
+def trusting_live(tmp_path_factory):
+    """A model whose random value heads are declared to rank candidates (so that they value plans, and
+    disagree) and whose own veto threshold vetoes nothing."""
+    directory = tmp_path_factory.mktemp("trusting-model")
+    torch.manual_seed(0)
+    backbone = MambaLM(tiny_config())
+    heads = ValueHeads(dataclasses.replace(ValueHeadsConfig.for_model(backbone.config, hidden=8), beats_prior=True))
+    model = CRSMModel(backbone, tokenizer=ByteTokenizer(), value_heads=heads.eval())
+    model.save_pretrained(directory)
+    model.close()
+    (directory / DELIBERATION_FILE).write_text(json.dumps({"veto_threshold": 1e9}))
+    server = LiveServer(settings_for(directory)).start()
+    yield server
+    server.stop()
+
+
+def test_the_veto_threshold_of_a_request_decides_the_vetoes(trusting_live):
+    client = openai.OpenAI(base_url=trusting_live.url + "/v1", api_key="unused", max_retries=0)
+
+    def counters(**knobs) -> dict:
+        deliberation = {**SYNCHRONOUS, **knobs}
+        answer = completion(client, max_tokens=6, seed=1, extra_body={"ignore_eos": True, "deliberation": deliberation})
+        return answer.choices[0].model_extra["deliberation"]
+
+    strict, lenient, models_own = counters(veto_threshold=0.0, max_lag=8), counters(veto_threshold=1.0), counters()
+    assert strict["vetoed"] == strict["produced"] > 0      # heads that disagree at all veto
+    assert lenient["vetoed"] == models_own["vetoed"] == 0 and lenient["produced"] > 0
+
+
+@pytest.mark.parametrize("field, value", [("veto_threshold", 1.5), ("veto_threshold", -0.1), ("max_lag", 129),
+                                          ("max_lag", -1), ("simulations", 257), ("wild", 1)])
+def test_deliberation_settings_are_bounded(client, field, value):
+    for call in (completion, chat):
+        with pytest.raises(openai.BadRequestError) as refused:
+            call(client, extra_body={"deliberation": {"enabled": True, field: value}})
+        assert refused.value.param == f"deliberation.{field}"
