@@ -87,6 +87,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     deliberation: DeliberationConfig | None = None  # None: no planner for this session
+    stop_token_ids: tuple[int, ...] = ()   # tokens that end the session as eos does (and add no text)
+    include_stop_str_in_output: bool = False   # the matched stop string ends the text instead of being cut
 
 
 # ---- events handed to the session's queue -------------------------------------------------------------
@@ -197,7 +199,7 @@ class Session:
         # generator-thread state
         self._prefilled = 0
         self._decoder = IncrementalDecoder(tokenizer)
-        self._stops = StopMatcher(request.stop)
+        self._stops = StopMatcher(request.stop, include=request.include_stop_str_in_output)
 
     @property
     def prompt_tokens(self) -> int:
@@ -363,6 +365,13 @@ class Engine:
         if not 1 <= request.max_tokens <= c.max_new_tokens:
             raise RequestError(f"max_tokens must be in [1, {c.max_new_tokens}], got {request.max_tokens}",
                                "max_tokens")
+        if request.sampling.min_tokens > request.max_tokens:
+            raise RequestError(f"min_tokens ({request.sampling.min_tokens}) must not exceed max_tokens "
+                               f"({request.max_tokens})", "min_tokens")
+        for param, ids in (("stop_token_ids", request.stop_token_ids),
+                           ("logit_bias", [t for t, _ in request.sampling.logit_bias])):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise RequestError(f"{param}: token ids outside the vocabulary [0, {self.vocab_size})", param)
         if request.deliberation is not None:
             if self._deliberator_factory is None:
                 raise RequestError("deliberation is not available on this server", "deliberation")
@@ -565,10 +574,20 @@ class Engine:
         row = len(self._running)
         self.pool.rows(slice(row, row + 1)).copy_(self._prefill.scratch)
         self._logits[row].copy_(logits[0])
-        self._sampler.set_row(row, session.request.sampling, session.seed)
+        self._set_sampler_row(row, session)
         session.row = row
         session.status = SessionStatus.RUNNING
         self._running.append(session)
+
+    def _set_sampler_row(self, row: int, session: Session) -> None:
+        request = session.request
+        self._sampler.set_row(row, request.sampling, session.seed, drawn=len(session.tokens), vocab=self.vocab_size,
+                              prompt=request.prompt_ids, output=session.tokens, ending=self._ending_ids(request))
+
+    def _ending_ids(self, request: GenerationRequest) -> tuple[int, ...]:
+        """The tokens that end a session when drawn (min_tokens keeps them from being drawn early)."""
+        eos = () if request.ignore_eos else (self.tokenizer.eos_id,)
+        return (*eos, *request.stop_token_ids)
 
     def _row_state(self, row: int) -> RecurrentState:
         return self.pool.rows(slice(row, row + 1))
@@ -596,6 +615,7 @@ class Engine:
             tokens[:n].copy_(self._sampler.sample(self._logits[:n]))
             for session, suggestion in suggestions.items():
                 tokens[session.row] = suggestion
+            self._sampler.record(tokens[:n])        # the penalties count the tokens taken
             host.copy_(tokens[:n], non_blocking=True)
         sampled = record_current(self.device)
         rows = n + self._place_rides(rides, n)
@@ -710,7 +730,7 @@ class Engine:
             row = len(self._running)
             self._row_state(row).copy_(state)
             self._logits[row].copy_(logits)
-            self._sampler.set_row(row, session.request.sampling, session.seed, drawn=len(session.tokens))
+            self._set_sampler_row(row, session)
             session.row = row
             session.status = SessionStatus.RUNNING
             self._running.append(session)
@@ -723,12 +743,17 @@ class Engine:
 
     def _take_token(self, session: Session, token: int, now: float) -> str | None:
         """Record the token chosen for a session and stream it. Returns a finish reason or None."""
+        request = session.request
         position = len(session.sequence)
         session.tokens.append(token)
         session.sequence.append(token)
         session.token_times.append(now)
-        is_eos = token == self.tokenizer.eos_id and not session.request.ignore_eos
-        text, matched = session._stops.push("" if is_eos else session._decoder.push(token))
+        # before min_tokens nothing ends the session (the sampler does not draw the ending tokens then;
+        # a plan's suggestion might)
+        may_stop = len(session.tokens) > request.sampling.min_tokens
+        is_eos = may_stop and token in self._ending_ids(request)
+        text, matched = session._stops.push("" if is_eos else session._decoder.push(token),
+                                            armed=len(session.tokens) >= request.sampling.min_tokens)
         reason = "stop" if (matched or is_eos) else (
             "length" if len(session.tokens) >= session.request.max_tokens else None)
         if reason is not None and not matched:

@@ -44,6 +44,18 @@ def _stops(value: object) -> object:
     return stops
 
 
+UNSUPPORTED = "unsupported_parameter"
+
+
+def unsupported(message: str) -> PydanticCustomError:
+    """A refusal of a field we do not implement: a 400 whose `param` is the field and code UNSUPPORTED."""
+    return PydanticCustomError(UNSUPPORTED, message)
+
+
+def invalid(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", message)
+
+
 # ---- native API ---------------------------------------------------------------------------------------
 
 class DeliberationRequest(DeliberationKnobs):
@@ -58,26 +70,69 @@ class DeliberationRequest(DeliberationKnobs):
         return self.apply_to(defaults.deliberation)
 
 
-def _generation_request(body: GenerateRequest | _OpenAIRequest, prompt_ids: Sequence[int], max_tokens: int,
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024
+
+
+class SamplingFields(BaseModel):
+    """How tokens are drawn, on every generation endpoint (the names and meanings are vLLM's; the order
+    in which they apply: crsm_core/sampling.py)."""
+    temperature: float = Temperature
+    top_p: float = TopP
+    top_k: int = TopK
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens less likely than min_p times the most "
+                                                           "likely one (0: off)")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from the logit of every "
+                                                                     "token the output holds")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from a token's logit per "
+                                                                      "occurrence in the output")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="divides the positive logits (multiplies "
+                                      "the negative) of the tokens in the prompt or the output (1: off)")
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
+                                                description="token id -> added to its logit, in [-100, 100]")
+    min_tokens: int = Field(0, ge=0, description="eos and stop_token_ids are not drawn, and stop strings do "
+                                                 "not stop, before this many tokens")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                             description="tokens that end the generation as eos does")
+    include_stop_str_in_output: bool = Field(False, description="a matched stop string ends the text instead "
+                                                                "of being cut from it")
+    ignore_eos: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None):
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise invalid(f"logit_bias keys are token ids, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise invalid(f"logit_bias values must be in [-100, 100], got {bias}")
+        return value
+
+    def sampling_params(self, seed: int | None) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed,
+                              min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logit_bias=tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
+                              min_tokens=self.min_tokens)
+
+
+def _generation_request(body: SamplingFields, prompt_ids: Sequence[int], max_tokens: int,
                         seed: int | None, stop: Sequence[str], deliberation: DeliberationRequest | None,
                         defaults: RequestDefaults) -> GenerationRequest:
-    sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed)
-    return GenerationRequest(tuple(prompt_ids), max_tokens, sampling, tuple(stop), body.ignore_eos,
-                             (deliberation or DeliberationRequest()).resolve(defaults))
+    return GenerationRequest(tuple(prompt_ids), max_tokens, body.sampling_params(seed), tuple(stop), body.ignore_eos,
+                             (deliberation or DeliberationRequest()).resolve(defaults),
+                             stop_token_ids=tuple(body.stop_token_ids or ()),
+                             include_stop_str_in_output=body.include_stop_str_in_output)
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
     prompt: str | None = None
     token_ids: list[int] | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Temperature
-    top_p: float = TopP
-    top_k: int = TopK
     seed: int | None = Seed
     stop: list[str] = Field(default_factory=list)  # a string or a list of strings
     stream: bool = False
-    ignore_eos: bool = False
     deliberation: DeliberationRequest | None = None
 
     @model_validator(mode="after")
@@ -129,18 +184,6 @@ class GenerateResponse(BaseModel):
 # OpenAI itself accepts without any effect on the output (`user`, `metadata`, ...). The table is in
 # docs/serving.md.
 
-UNSUPPORTED = "unsupported_parameter"
-
-
-def unsupported(message: str) -> PydanticCustomError:
-    """A refusal of a field we do not implement: a 400 whose `param` is the field and code UNSUPPORTED."""
-    return PydanticCustomError(UNSUPPORTED, message)
-
-
-def invalid(message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_value", message)
-
-
 def _refused(what: str, allowed: tuple = (None,)):
     """A validator refusing any value but `allowed` (the field's type in the schema says what is allowed)."""
     def check(value: Any) -> Any:
@@ -169,31 +212,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAIRequest(BaseModel):
+class _OpenAIRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore")
     model: str
-    temperature: float = Temperature
-    top_p: float = TopP
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     stop: list[str] = Field(default_factory=list)  # a string or a list of strings
     seed: int | None = Seed
     user: str | None = None
-    presence_penalty: Annotated[float, _refused("presence_penalty", (0.0, 0))] = 0.0
-    frequency_penalty: Annotated[float, _refused("frequency_penalty", (0.0, 0))] = 0.0
-    logit_bias: Annotated[dict[str, float] | None, _refused("logit_bias", (None, {}))] = None
     response_format: Annotated[TextResponseFormat | None, BeforeValidator(_text_response_format)] = Field(
         None, description="only {\"type\": \"text\"}; json_object and json_schema are refused")
-    # extensions (vLLM spells them the same way)
-    top_k: int = TopK
-    ignore_eos: bool = False
-    # vLLM's sampling extensions, not implemented: refused unless they have their neutral value
-    min_tokens: Annotated[int, _refused("min_tokens", (0,))] = 0
-    stop_token_ids: Annotated[list[int] | None, _refused("stop_token_ids", (None, []))] = None
-    include_stop_str_in_output: Annotated[bool, _refused("include_stop_str_in_output", (False,))] = False
-    repetition_penalty: Annotated[float, _refused("repetition_penalty", (1.0, 1))] = 1.0
-    min_p: Annotated[float, _refused("min_p", (0.0, 0))] = 0.0
     # the native API's deliberation object (OpenAI clients send it through extra_body)
     deliberation: DeliberationRequest | None = None
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from crsm_core.backbone import MambaLM
+from crsm_core.checkpoint import load_pretrained
 from crsm_core.config import tiny_config
 from crsm_core.deliberation import DELIBERATION_FILE
 from crsm_core.model import CRSMModel
@@ -203,3 +204,155 @@ def test_deliberation_settings_are_bounded(client, field, value):
         with pytest.raises(openai.BadRequestError) as refused:
             call(client, extra_body={"deliberation": {"enabled": True, field: value}})
         assert refused.value.param == f"deliberation.{field}"
+
+
+# ---- vLLM's sampling fields ---------------------------------------------------------------------------
+
+PROMPT = "Once upon a time"
+EOS = ByteTokenizer.eos_id
+
+
+@pytest.fixture(scope="module")
+def backbone(model_dir):  # noqa: F811
+    """The served weights on the reference backbone, outside the server."""
+    return load_pretrained(model_dir, device="cpu").eval()
+
+
+def reference_greedy(backbone, prompt: list[int], n: int, adjust=lambda logits, out: logits) -> list[int]:
+    """Greedy decoding one token at a time, `adjust(logits [V], tokens so far)` applied before each argmax:
+    an independent host-side statement of what a field does."""
+    out: list[int] = []
+    with torch.no_grad():
+        state = backbone.allocate_state(1)
+        logits = backbone.prefill(torch.tensor([prompt]), state)[0]
+        for _ in range(n):
+            out.append(int(adjust(logits.float().clone(), out).argmax()))
+            logits = backbone.step(torch.tensor([out[-1]]), state)[0]
+    return out
+
+
+def served(client, live, max_tokens: int, **fields) -> tuple[list[int], object]:
+    """One greedy request on both APIs with the same fields: the native answer's token ids, and the
+    openai client's answer (whose text must be the native one's)."""
+    fields = {"temperature": 0.0, **fields}
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, **fields}
+    native = httpx.post(live.url + "/v1/generate", json=body)
+    assert native.status_code == 200, native.text
+    answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens,
+                                       extra_body=fields)
+    assert answer.choices[0].text == native.json()["text"]
+    return native.json()["token_ids"], answer
+
+
+def test_repetition_presence_and_frequency_penalties_and_logit_bias(client, live, backbone):
+    prompt, n = list(PROMPT.encode()), 24
+    plain = reference_greedy(backbone, prompt, n)
+
+    def repetition(p):
+        def adjust(logits, out):
+            for t in set(prompt + out):
+                logits[t] = logits[t] / p if logits[t] > 0 else logits[t] * p
+            return logits
+        return adjust
+
+    def presence(p):
+        def adjust(logits, out):
+            for t in set(out):
+                logits[t] -= p
+            return logits
+        return adjust
+
+    def frequency(p):
+        def adjust(logits, out):
+            for t in out:
+                logits[t] -= p
+            return logits
+        return adjust
+
+    favoured, banned = ord("e"), plain[0]
+
+    def bias(logits, out):
+        logits[favoured] += 5.0
+        logits[banned] -= 100.0
+        return logits
+
+    cases = [({"repetition_penalty": 1.8}, repetition(1.8)), ({"presence_penalty": 1.5}, presence(1.5)),
+             ({"frequency_penalty": 0.7}, frequency(0.7)), ({"frequency_penalty": -0.5}, frequency(-0.5)),
+             ({"logit_bias": {str(favoured): 5.0, str(banned): -100.0}}, bias)]
+    for fields, adjust in cases:
+        expected = reference_greedy(backbone, prompt, n, adjust)
+        assert expected != plain, fields          # the field changes this output
+        tokens, answer = served(client, live, n, ignore_eos=True, **fields)
+        assert tokens == expected, fields
+        assert answer.usage.completion_tokens == n
+    # the bias as OpenAI's clients send it (a top-level field) and in a batch beside an unbiased request
+    biased = client.completions.create(model=MODEL, prompt=[PROMPT, PROMPT], max_tokens=n, temperature=0.0,
+                                       logit_bias={str(favoured): 5.0, str(banned): -100.0},
+                                       extra_body={"ignore_eos": True})
+    assert biased.choices[0].text == biased.choices[1].text == ByteTokenizer().decode(
+        reference_greedy(backbone, prompt, n, bias))
+
+
+def test_min_tokens_holds_back_eos_and_stop_token_ids(client, live):
+    eos_first = {"logit_bias": {str(EOS): 100.0}}     # eos is then every step's best token
+    tokens, answer = served(client, live, 20, **eos_first)
+    assert tokens == [EOS] and answer.choices[0].finish_reason == "stop"
+    tokens, answer = served(client, live, 20, min_tokens=5, **eos_first)
+    assert len(tokens) == 6 and tokens[-1] == EOS and EOS not in tokens[:5]
+    assert (answer.usage.completion_tokens, answer.choices[0].finish_reason) == (6, "stop")
+    # stop_token_ids end it as eos does; min_tokens holds them back too
+    stopper = {"logit_bias": {"120": 100.0}, "stop_token_ids": [120]}     # "x"
+    tokens, answer = served(client, live, 20, ignore_eos=True, **stopper)
+    assert tokens == [120] and answer.choices[0].text == "" and answer.choices[0].finish_reason == "stop"
+    tokens, answer = served(client, live, 20, ignore_eos=True, min_tokens=3, **stopper)
+    assert len(tokens) == 4 and tokens[-1] == 120 and 120 not in tokens[:3]
+    assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens == 4
+    # min_tokens > max_tokens is refused, as vLLM does
+    with pytest.raises(openai.BadRequestError) as refused:
+        completion(client, max_tokens=2, extra_body={"min_tokens": 3})
+    assert refused.value.param == "min_tokens"
+
+
+def test_stop_token_ids_end_the_generation_at_that_token(client, live, backbone):
+    prompt, n = list(PROMPT.encode()), 24
+    plain = reference_greedy(backbone, prompt, n)
+    k = next(i for i in range(2, n) if plain[i] not in plain[:i])
+    tokens, answer = served(client, live, n, ignore_eos=True, stop_token_ids=[plain[k], 259])
+    assert tokens == plain[:k + 1] and answer.choices[0].finish_reason == "stop"
+    # its text is the text before it
+    assert answer.choices[0].text == completion(client, prompt=PROMPT, max_tokens=k, temperature=0.0,
+                                                extra_body={"ignore_eos": True}).choices[0].text
+
+
+def test_include_stop_str_in_output(client):
+    base = dict(prompt=PROMPT, max_tokens=40, seed=2, extra_body={"ignore_eos": True})
+    full = completion(client, **base).choices[0].text
+    stop = next(full[i:i + 2] for i in range(len(full) - 1) if full[i:i + 2].isascii() and full[i:i + 2].isprintable())
+    cut = completion(client, **base, stop=[stop]).choices[0]
+    kept = completion(client, **{**base, "extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}},
+                      stop=[stop]).choices[0]
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == kept.finish_reason == "stop"
+    assert kept.text == cut.text + stop
+    # streamed alike
+    chunks = completion(client, **{**base, "extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}},
+                        stop=[stop], stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == kept.text
+
+
+def test_min_p_keeps_only_the_likely_tokens(client, live, backbone):
+    prompt, n = list(PROMPT.encode()), 24
+    sampled = dict(temperature=1.0, seed=9, ignore_eos=True)
+    free, _ = served(client, live, n, **sampled)
+    assert free != reference_greedy(backbone, prompt, n)
+    # min_p 1: only the most likely token is left, whatever the seed
+    only_best, _ = served(client, live, n, min_p=1.0, **sampled)
+    assert only_best == reference_greedy(backbone, prompt, n)
+    # min_p 0.5: every drawn token is at least half as likely as the most likely one at its position
+    tokens, _ = served(client, live, n, min_p=0.5, **sampled)
+    assert tokens != only_best
+    with torch.no_grad():
+        state = backbone.allocate_state(1)
+        probs = torch.softmax(backbone.prefill(torch.tensor([prompt]), state)[0].float(), dim=-1)
+        for token in tokens:
+            assert probs[token] >= 0.5 * probs.max() * (1 - 1e-4)
+            probs = torch.softmax(backbone.step(torch.tensor([token]), state)[0].float(), dim=-1)
