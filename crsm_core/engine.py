@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARKED_POLL_S = 0.05   # how often a generator with only parked sessions checks their time-outs
+MAX_TOP_LOGPROBS = 20  # alternatives a token's logprobs may list (OpenAI's and vLLM's limit)
 
 
 class QueueFull(RuntimeError):
@@ -89,6 +90,7 @@ class GenerationRequest:
     deliberation: DeliberationConfig | None = None  # None: no planner for this session
     stop_token_ids: tuple[int, ...] = ()   # tokens that end the session as eos does (and add no text)
     include_stop_str_in_output: bool = False   # the matched stop string ends the text instead of being cut
+    logprobs: int | None = None   # each token's log-probability and this many top alternatives; None: none
 
 
 # ---- events handed to the session's queue -------------------------------------------------------------
@@ -98,6 +100,10 @@ class TokenEvent:
     token_id: int
     text: str       # text released with this token ("" while a UTF-8 character or a stop string is pending)
     position: int   # index of this token in the whole sequence (prompt tokens first)
+    # with request.logprobs: log p(token) under the model's raw distribution at this position (before the
+    # temperature and the sampler's adjustments), and the most likely tokens' (id, logprob), best first
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,7 @@ class Completion:
     token_ids: list[int]
     injections: list
     done: DoneEvent
+    token_events: list[TokenEvent] = field(default_factory=list)   # in order (their text and logprobs)
 
 
 class GenerationFailed(RuntimeError):
@@ -224,13 +231,13 @@ class Session:
                 return
 
     async def collect(self) -> Completion:
-        text: list[str] = []
+        tokens: list[TokenEvent] = []
         injections: list = []
         async for event in self.stream():
             if isinstance(event, TokenEvent):
-                text.append(event.text)
+                tokens.append(event)
             elif isinstance(event, DoneEvent):
-                return Completion("".join(text), list(self.tokens), injections, event)
+                return Completion("".join(t.text for t in tokens), list(self.tokens), injections, event, tokens)
             elif isinstance(event, ErrorEvent):
                 raise GenerationFailed(event)
             else:
@@ -293,6 +300,10 @@ class Engine:
             self.pool = model.allocate_state(rows)
             self._logits = torch.zeros(n, self.vocab_size, dtype=torch.float32, device=self.device)  # [n, V]
             self._host_tokens = torch.zeros(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            # logprobs of rows [0, n): (chosen, top k) values and top k ids, flat so that any [n, k] is dense
+            self._host_logprobs = torch.zeros(n * (1 + MAX_TOP_LOGPROBS), pin_memory=self.device.type == "cuda")
+            self._host_top_ids = torch.zeros(n * MAX_TOP_LOGPROBS, dtype=torch.long,
+                                             pin_memory=self.device.type == "cuda")
         self._sampler = SamplingTable(n, self.device)
         # On CUDA the decode step replays a graph captured per batch-size bucket over pool rows [0:bucket],
         # and each prefill piece a graph of its length (captured here); elsewhere they run eagerly.
@@ -365,6 +376,8 @@ class Engine:
         if not 1 <= request.max_tokens <= c.max_new_tokens:
             raise RequestError(f"max_tokens must be in [1, {c.max_new_tokens}], got {request.max_tokens}",
                                "max_tokens")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}", "logprobs")
         if request.sampling.min_tokens > request.max_tokens:
             raise RequestError(f"min_tokens ({request.sampling.min_tokens}) must not exceed max_tokens "
                                f"({request.max_tokens})", "min_tokens")
@@ -617,6 +630,7 @@ class Engine:
                 tokens[session.row] = suggestion
             self._sampler.record(tokens[:n])        # the penalties count the tokens taken
             host.copy_(tokens[:n], non_blocking=True)
+        logprobs = self._queue_logprobs(tokens[:n]) if n else None
         sampled = record_current(self.device)
         rows = n + self._place_rides(rides, n)
         logits = self._decode(rows)
@@ -629,12 +643,33 @@ class Engine:
             sampled.synchronize()                       # the tokens, not the step just queued
         now = time.perf_counter()
         finished: list[tuple[Session, str]] = []
-        for session, token in zip(self._running, host.tolist()):
-            reason = self._take_token(session, suggestions.get(session, token), now)
+        values, ids = (logprobs[0].tolist(), logprobs[1].tolist()) if logprobs is not None else (None, None)
+        for i, (session, token) in enumerate(zip(self._running, host.tolist())):
+            k = session.request.logprobs
+            scored = None if k is None else (values[i][0], tuple(zip(ids[i][:k], values[i][1:k + 1])))
+            reason = self._take_token(session, suggestions.get(session, token), now, scored)
             if reason is not None:
                 finished.append((session, reason))
         for session, reason in sorted(finished, key=lambda f: -f[0].row):
             self._end(session, reason=reason)
+
+    def _queue_logprobs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """tokens: [n] the tokens rows [0, n) take. When a running session asks for logprobs: the
+        log-softmax of the rows' raw logits (the model's distribution, before the temperature and the
+        sampler's adjustments, as vLLM returns by default), copied to the host without waiting:
+        values [n, 1 + k] (the token's, then the top k, best first) and ids [n, k], k the most any
+        row asks for. None when no session asks."""
+        asked = [s.request.logprobs for s in self._running if s.request.logprobs is not None]
+        if not asked:
+            return None
+        n, k = tokens.shape[0], max(asked)
+        logprobs = torch.log_softmax(self._logits[:n], dim=-1)                    # [n, V]
+        top = logprobs.topk(k, dim=-1)
+        values = self._host_logprobs[:n * (1 + k)].view(n, 1 + k)
+        ids = self._host_top_ids[:n * k].view(n, k)
+        values.copy_(torch.cat([logprobs.gather(1, tokens[:, None]), top.values], dim=1), non_blocking=True)
+        ids.copy_(top.indices, non_blocking=True)
+        return values, ids
 
     def _place_rides(self, rides: list[_Ride], n: int) -> int:
         """Copy the rides' rows into pool rows [n, n + K) and their tokens after the running rows' ones."""
@@ -741,8 +776,10 @@ class Engine:
         self.decode_steps += 1
         return self._stepper.step(self._stepper.tokens[:rows])
 
-    def _take_token(self, session: Session, token: int, now: float) -> str | None:
-        """Record the token chosen for a session and stream it. Returns a finish reason or None."""
+    def _take_token(self, session: Session, token: int, now: float,
+                    scored: tuple[float, tuple[tuple[int, float], ...]] | None = None) -> str | None:
+        """Record the token chosen for a session and stream it (scored: its logprob and the top ones).
+        Returns a finish reason or None."""
         request = session.request
         position = len(session.sequence)
         session.tokens.append(token)
@@ -760,7 +797,8 @@ class Engine:
             tail, matched = session._stops.push(session._decoder.flush())
             text += tail if matched else tail + session._stops.flush()
             reason = "stop" if matched else reason
-        session._emit(TokenEvent(token, text, position))
+        logprob, top = scored if scored is not None else (None, None)
+        session._emit(TokenEvent(token, text, position, logprob, top))
         return reason
 
     def _leave_row(self, session: Session) -> None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from crsm_core.deliberation import DeliberationConfig
-from crsm_core.engine import GenerationRequest
+from crsm_core.engine import MAX_TOP_LOGPROBS, GenerationRequest
 from crsm_core.sampling import SamplingParams
 
 from .chat_template import CHAT_STOPS, render_chat
@@ -118,11 +118,11 @@ class SamplingFields(BaseModel):
 
 def _generation_request(body: SamplingFields, prompt_ids: Sequence[int], max_tokens: int,
                         seed: int | None, stop: Sequence[str], deliberation: DeliberationRequest | None,
-                        defaults: RequestDefaults) -> GenerationRequest:
+                        defaults: RequestDefaults, logprobs: int | None = None) -> GenerationRequest:
     return GenerationRequest(tuple(prompt_ids), max_tokens, body.sampling_params(seed), tuple(stop), body.ignore_eos,
                              (deliberation or DeliberationRequest()).resolve(defaults),
                              stop_token_ids=tuple(body.stop_token_ids or ()),
-                             include_stop_str_in_output=body.include_stop_str_in_output)
+                             include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs)
 
 
 class GenerateRequest(SamplingFields):
@@ -249,22 +249,38 @@ class _OpenAIRequest(SamplingFields):
     def max_tokens_or(self, defaults: RequestDefaults) -> int:
         raise NotImplementedError
 
+    def logprob_alternatives(self) -> int | None:
+        """How many top alternatives each token's logprobs list; None: no logprobs."""
+        raise NotImplementedError
+
     def to_generation_request(self, prompt_ids: Sequence[int], defaults: RequestDefaults,
                               choice: int = 0) -> GenerationRequest:
         """Choice `choice` (of n) of one prompt. With a seed, choice j uses seed + j, kept to 64 bits (the
         same bits as a seed, so -1 and 2**64 - 1 are one seed)."""
         seed = None if self.seed is None else (self.seed + choice) % 2**64
         return _generation_request(self, prompt_ids, self.max_tokens_or(defaults), seed,
-                                   [*self.stop, *self.extra_stops], self.deliberation, defaults)
+                                   [*self.stop, *self.extra_stops], self.deliberation, defaults,
+                                   self.logprob_alternatives())
 
 
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1)
     echo: bool = False
-    logprobs: Annotated[None, _refused("logprobs")] = _not_supported("logprobs")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="each token's logprob and this many most likely alternatives")
     best_of: int | None = Field(None, ge=1, description="only equal to n (or left out)")
     suffix: Annotated[None, _refused("suffix")] = _not_supported("suffix")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_the_prompts(cls, value: int | None, info: ValidationInfo):
+        if value is not None and info.data.get("echo"):
+            raise unsupported("logprobs with echo (the prompt's logprobs) is not supported")
+        return value
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     @field_validator("best_of")
     @classmethod
@@ -327,8 +343,8 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Annotated[bool | None, _refused("logprobs", (False, None))] = None
-    top_logprobs: Annotated[None, _refused("top_logprobs")] = _not_supported("top_logprobs")
+    logprobs: bool | None = Field(None, description="each token's logprob (and top_logprobs alternatives)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="only with logprobs: true")
     # tools are refused unless the model is told not to call them (then they are inert)
     tool_choice: Annotated[Literal["none"] | None, _refused("tool_choice other than 'none'", (None, "none"))] = Field(
         None, description="only 'none'")
@@ -344,6 +360,16 @@ class ChatCompletionRequest(_OpenAIRequest):
     web_search_options: Annotated[None, _refused("web_search_options")] = _not_supported("web search")
     extra_stops: ClassVar[tuple[str, ...]] = CHAT_STOPS
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo):
+        if value is not None and info.data.get("logprobs") is not True:   # as OpenAI
+            raise invalid("top_logprobs is only allowed when logprobs is true")
+        return value
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @field_validator("tools")
     @classmethod
     def _tools_only_if_unused(cls, value: list[dict] | None, info: ValidationInfo):
@@ -355,10 +381,34 @@ class ChatCompletionRequest(_OpenAIRequest):
         return self.max_completion_tokens or self.max_tokens or defaults.max_new_tokens
 
 
+class CompletionLogprobs(BaseModel):
+    """Per generated token: its text, logprob, the most likely tokens' logprobs by text (the sampled one
+    included, as OpenAI: up to logprobs + 1), and where its text starts in the choice's text."""
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None   # the UTF-8 bytes of `token`
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     deliberation: dict | None = None   # the session's deliberation counters, when it deliberated
 
@@ -380,7 +430,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     deliberation: dict | None = None   # the session's deliberation counters, when it deliberated
 
@@ -402,7 +452,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

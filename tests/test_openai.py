@@ -19,6 +19,7 @@ from crsm_core.deliberation import DELIBERATION_FILE
 from crsm_core.model import CRSMModel
 from crsm_core.tokenizer import ByteTokenizer
 from crsm_core.value import ValueHeads, ValueHeadsConfig
+from server.chat_template import CHAT_STOPS, render_chat
 from test_server import MODEL, LiveServer, model_dir, one_torch_thread, settings_for  # noqa: F401 (fixtures)
 
 
@@ -356,3 +357,87 @@ def test_min_p_keeps_only_the_likely_tokens(client, live, backbone):
         for token in tokens:
             assert probs[token] >= 0.5 * probs.max() * (1 - 1e-4)
             probs = torch.softmax(backbone.step(torch.tensor([token]), state)[0].float(), dim=-1)
+
+
+# ---- logprobs -----------------------------------------------------------------------------------------
+
+def reference_logprobs(backbone, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """log_softmax of the reference backbone's logits at each generated position: [V] per token."""
+    out = []
+    with torch.no_grad():
+        state = backbone.allocate_state(1)
+        logits = backbone.prefill(torch.tensor([prompt]), state)[0]
+        for token in tokens:
+            out.append(torch.log_softmax(logits.float(), dim=-1))
+            logits = backbone.step(torch.tensor([token]), state)[0]
+    return out
+
+
+SAMPLED = dict(temperature=0.7, seed=3)   # values of the raw distribution, not the tempered one
+TOL = 1e-4                                # fp32 on the CPU: chunked prefill against one whole prefill
+
+
+def test_completion_logprobs_are_the_models(client, live, backbone):
+    n, k = 12, 3
+    native = httpx.post(live.url + "/v1/generate", json={"prompt": PROMPT, "max_tokens": n, "ignore_eos": True,
+                                                         **SAMPLED}).json()
+    expected = reference_logprobs(backbone, list(PROMPT.encode()), native["token_ids"])
+    answer = completion(client, prompt=PROMPT, max_tokens=n, logprobs=k, extra_body={"ignore_eos": True}, **SAMPLED)
+    [choice] = answer.choices
+    assert choice.text == native["text"]
+    lp = choice.logprobs
+    tokenizer = ByteTokenizer()
+    assert lp.tokens == [tokenizer.decode([t]) for t in native["token_ids"]]
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    for token, got, top, ref in zip(native["token_ids"], lp.token_logprobs, lp.top_logprobs, expected):
+        assert abs(got - float(ref[token])) < TOL
+        best = ref.topk(k)
+        # the k best by their text, and the sampled token's (as OpenAI: up to k + 1); tokens of one text
+        # (bytes that are not a character alone) are listed once, with the best of their logprobs
+        texts: dict[str, float] = {}
+        for i, v in [*zip(best.indices.tolist(), best.values.tolist()), (token, float(ref[token]))]:
+            texts[tokenizer.decode([i])] = max(v, texts.get(tokenizer.decode([i]), v))
+        assert top.keys() == texts.keys()
+        assert all(abs(top[t] - texts[t]) < TOL for t in texts)
+    # each offset is where the token's text starts (texts released so far)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # streamed: every token once, with the same values
+    chunks = list(completion(client, prompt=PROMPT, max_tokens=n, logprobs=k, stream=True,
+                             extra_body={"ignore_eos": True}, **SAMPLED))
+    streamed = [v for c in chunks for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    # without logprobs: none
+    assert completion(client).choices[0].logprobs is None
+
+
+def test_chat_logprobs_are_the_models(client, live, backbone):
+    n, k = 10, 5
+    prompt = render_chat([("user", "hi")])
+    native = httpx.post(live.url + "/v1/generate", json={"prompt": prompt, "max_tokens": n, "ignore_eos": True,
+                                                         "stop": list(CHAT_STOPS), **SAMPLED}).json()
+    expected = reference_logprobs(backbone, list(prompt.encode()), native["token_ids"])
+    tokenizer = ByteTokenizer()
+    answer = chat(client, max_tokens=n, logprobs=True, top_logprobs=k, extra_body={"ignore_eos": True}, **SAMPLED)
+    content = answer.choices[0].logprobs.content
+    assert answer.choices[0].message.content == native["text"] and len(content) == len(native["token_ids"])
+    for token, entry, ref in zip(native["token_ids"], content, expected):
+        text = tokenizer.decode([token])
+        assert (entry.token, entry.bytes) == (text, list(text.encode()))
+        assert abs(entry.logprob - float(ref[token])) < TOL
+        best = ref.topk(k)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([int(i)]) for i in best.indices]
+        assert torch.allclose(torch.tensor([t.logprob for t in entry.top_logprobs]), best.values, atol=TOL)
+    chunks = list(chat(client, max_tokens=n, logprobs=True, top_logprobs=k, stream=True,
+                       extra_body={"ignore_eos": True}, **SAMPLED))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == [e.logprob for e in content]
+    # logprobs alone: no alternatives; top_logprobs without logprobs is refused, as OpenAI does
+    plain = chat(client, max_tokens=3, logprobs=True).choices[0].logprobs.content
+    assert len(plain) == 3 and all(e.top_logprobs == [] for e in plain)
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, top_logprobs=2)
+    assert refused.value.param == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as refused:
+        completion(client, logprobs=2, echo=True)
+    assert (refused.value.param, refused.value.code) == ("logprobs", "unsupported_parameter")
