@@ -378,9 +378,6 @@ class Engine:
                                "max_tokens")
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}", "logprobs")
-        if request.sampling.min_tokens > request.max_tokens:
-            raise RequestError(f"min_tokens ({request.sampling.min_tokens}) must not exceed max_tokens "
-                               f"({request.max_tokens})", "min_tokens")
         for param, ids in (("stop_token_ids", request.stop_token_ids),
                            ("logit_bias", [t for t, _ in request.sampling.logit_bias])):
             if any(not 0 <= t < self.vocab_size for t in ids):

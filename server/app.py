@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from . import generate_api, openai_api, status, ui
+from . import generate_api, openai_api, openapi, status, ui
 from .errors import install_error_handlers
 from .metrics import RequestMetricsMiddleware
 from .runtime import SERVER_VERSION, Loader, Runtime, load_model
@@ -33,9 +33,11 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; recorded in the request metrics
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD
+    @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    app.add_api_route("/health", health, methods=["HEAD"])   # load balancers probe with HEAD
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -52,4 +54,5 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
     app.include_router(status.router)
     if settings.ui:
         ui.mount(app)
+    openapi.install(app, runtime)
     return app

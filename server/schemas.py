@@ -9,9 +9,11 @@ parameters: the fields a request leaves out take `RequestDefaults` (the server's
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from crsm_core.deliberation import DeliberationConfig
@@ -28,6 +30,32 @@ TopK = Field(0, ge=0)
 # to fail in the engine with a 500.
 Seed = Field(None, ge=-2**63, le=2**64 - 1)
 MAX_STOPS = 8
+
+# Request bodies are validated strictly (no "1" for 1, no 1.5 for an integer, no "true" for true): a body
+# the schema in /openapi.json refuses is refused.
+STRICT = ConfigDict(strict=True)
+
+
+def _json_integers(value: Any) -> Any:
+    """A JSON body with its integral numbers as ints: 2.0 is an integer in JSON Schema (and so in
+    /openapi.json), and a strict float field takes an int as it is."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_json_integers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_integers(v) for k, v in value.items()}
+    return value
+
+
+class _Body(BaseModel):
+    """A request body: strict, with JSON's integral numbers taken as integers."""
+    model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers(cls, data: Any) -> Any:
+        return _json_integers(data)
 
 
 def _stops(value: object) -> object:
@@ -56,11 +84,43 @@ def invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_value", message)
 
 
+def _cross_field(*constraints: dict):
+    """A model's json_schema_extra: what its validators check across fields, in JSON Schema (allOf), so that
+    /openapi.json accepts what the server accepts and nothing else."""
+    def extra(schema: dict) -> None:
+        schema.setdefault("allOf", []).extend(spelled_out(c, schema["properties"]) for c in constraints)
+    return extra
+
+
+def spelled_out(constraint: dict, properties: dict) -> dict:
+    """The constraint (an anyOf or oneOf of branches) with every field in every branch, with its own schema
+    where the branch does not narrow it: the same set of bodies, but generators that draw a branch
+    (schemathesis) otherwise draw the fields it leaves out unconstrained."""
+    [(kind, branches)] = constraint.items()
+    return {kind: [{**branch, "properties": {**properties, **branch.get("properties", {})}} for branch in branches]}
+
+
+def _null(field: str) -> dict:
+    """The field is left out or null."""
+    return {"properties": {field: {"type": "null"}}}
+
+
+def exactly_one_of(a: str, b: str) -> dict:
+    return {"oneOf": [{"required": [a], "properties": {a: {"not": {"type": "null"}}, b: {"type": "null"}}},
+                      {"required": [b], "properties": {b: {"not": {"type": "null"}}, a: {"type": "null"}}}]}
+
+
+def _only_with(field: str, other: str, value: object) -> dict:
+    """`field` only when `other` is `value`."""
+    return {"anyOf": [_null(field), {"required": [other], "properties": {other: {"const": value}}}]}
+
+
 # ---- native API ---------------------------------------------------------------------------------------
 
 class DeliberationRequest(DeliberationKnobs):
     """Per-request deliberation (the knobs and their bounds: server/settings.py); fields left out take the
     server's defaults."""
+    model_config = STRICT
     enabled: bool | None = None
 
     def resolve(self, defaults: RequestDefaults) -> DeliberationConfig | None:
@@ -71,10 +131,11 @@ class DeliberationRequest(DeliberationKnobs):
 
 
 MAX_STOP_TOKEN_IDS = 64
+MAX_N = 16
 MAX_LOGIT_BIAS = 1024
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(_Body):
     """How tokens are drawn, on every generation endpoint (the names and meanings are vLLM's; the order
     in which they apply: crsm_core/sampling.py)."""
     temperature: float = Temperature
@@ -88,10 +149,11 @@ class SamplingFields(BaseModel):
                                                                       "occurrence in the output")
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="divides the positive logits (multiplies "
                                       "the negative) of the tokens in the prompt or the output (1: off)")
-    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
-                                                description="token id -> added to its logit, in [-100, 100]")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="token id -> added to its logit, in [-100, 100]")
     min_tokens: int = Field(0, ge=0, description="eos and stop_token_ids are not drawn, and stop strings do "
-                                                 "not stop, before this many tokens")
+                                                 "not stop, before this many tokens (more than max_tokens: "
+                                                 "nothing stops before max_tokens)")
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
                                              description="tokens that end the generation as eos does")
     include_stop_str_in_output: bool = Field(False, description="a matched stop string ends the text instead "
@@ -101,11 +163,9 @@ class SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_biases(cls, value: dict[str, float] | None):
-        for token, bias in (value or {}).items():
-            if not token.isdigit():
+        for token in value or {}:
+            if not re.fullmatch("[0-9]+", token):
                 raise invalid(f"logit_bias keys are token ids, got {token!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise invalid(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
 
     def sampling_params(self, seed: int | None) -> SamplingParams:
@@ -126,7 +186,7 @@ def _generation_request(body: SamplingFields, prompt_ids: Sequence[int], max_tok
 
 
 class GenerateRequest(SamplingFields):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_cross_field(exactly_one_of("prompt", "token_ids")))
     prompt: str | None = None
     token_ids: list[int] | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -199,6 +259,7 @@ def _not_supported(what: str):
 
 
 class TextResponseFormat(BaseModel):
+    model_config = STRICT
     type: Literal["text"]
 
 
@@ -209,13 +270,17 @@ def _text_response_format(value: Any) -> Any:
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
+STREAM_OPTIONS_ONLY_WHEN_STREAMING = _only_with("stream_options", "stream", True)
+
+
 class _OpenAIRequest(SamplingFields):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_cross_field(STREAM_OPTIONS_ONLY_WHEN_STREAMING))
     model: str
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     stop: list[str] = Field(default_factory=list)  # a string or a list of strings
@@ -264,12 +329,16 @@ class _OpenAIRequest(SamplingFields):
 
 
 class CompletionRequest(_OpenAIRequest):
+    model_config = ConfigDict(json_schema_extra=_cross_field(
+        STREAM_OPTIONS_ONLY_WHEN_STREAMING,
+        {"anyOf": [_null("logprobs"), {"properties": {"echo": {"const": False}}}]},
+        {"anyOf": [_null("best_of"), {"properties": {"n": {"const": 1}, "best_of": {"const": 1}}}]}))
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="each token's logprob and this many most likely alternatives")
-    best_of: int | None = Field(None, ge=1, description="only equal to n (or left out)")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 (with n 1), or left out")
     suffix: Annotated[None, _refused("suffix")] = _not_supported("suffix")
 
     @field_validator("logprobs")
@@ -282,14 +351,17 @@ class CompletionRequest(_OpenAIRequest):
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
 
-    @field_validator("best_of")
+    @field_validator("best_of", mode="before")
     @classmethod
-    def _best_of_is_n(cls, value: int | None, info: ValidationInfo):
+    def _best_of_is_one(cls, value: Any, info: ValidationInfo):
+        # before the type's bounds, so that best_of > 1 is named as not supported
         n = info.data.get("n", 1)
-        if value is not None and value < n:
+        if type(value) is not int:
+            return value    # for the type check to refuse
+        if value > 1:
+            raise unsupported("best_of greater than 1 is not supported (n gives several choices)")
+        if value < n:
             raise invalid(f"best_of must be at least n ({n}), got {value}")
-        if value is not None and value > n:
-            raise unsupported("best_of greater than n is not supported")
         return value
 
     @model_validator(mode="after")
@@ -306,7 +378,7 @@ NON_TEXT_PARTS = ("image_url", "input_audio", "file", "refusal")
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
@@ -328,11 +400,13 @@ def _chat_role(value: Any) -> Any:
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Annotated[Literal["system", "developer", "user", "assistant"], BeforeValidator(_chat_role)]
     content: Annotated[str | list[ContentPart], BeforeValidator(_text_parts)]
     name: Annotated[None, _refused("name (the chat template has no speaker names)")] = _not_supported("name")
-    tool_calls: Annotated[None, _refused("tool_calls", (None, []))] = _not_supported("tool calls")
+    tool_calls: Annotated[list | None, _refused("tool_calls", (None, [])),
+                          WithJsonSchema({"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]})] = (
+        _not_supported("tool calls"))
     function_call: Annotated[None, _refused("function_call")] = _not_supported("function calls")
 
     def text(self) -> str:
@@ -340,6 +414,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_OpenAIRequest):
+    model_config = ConfigDict(json_schema_extra=_cross_field(
+        STREAM_OPTIONS_ONLY_WHEN_STREAMING, _only_with("top_logprobs", "logprobs", True),
+        {"anyOf": [{"properties": {"tools": {"anyOf": [{"type": "null"}, {"maxItems": 0}]}}},
+                   {"required": ["tool_choice"], "properties": {"tool_choice": {"const": "none"}}}]}))
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -353,7 +431,8 @@ class ChatCompletionRequest(_OpenAIRequest):
     function_call: Annotated[Literal["none"] | None, _refused("function_call other than 'none'", (None, "none"))] = (
         Field(None, description="only 'none'"))
     audio: Annotated[None, _refused("audio output")] = _not_supported("audio output")
-    modalities: Annotated[list[Literal["text"]] | None, _refused("modalities other than ['text']", (None, ["text"]))] = (
+    modalities: Annotated[list[Literal["text"]] | None, _refused("modalities other than ['text']", (None, ["text"])),
+                          WithJsonSchema({"anyOf": [{"const": ["text"]}, {"type": "null"}]})] = (
         Field(None, description="only ['text']"))
     prediction: Annotated[None, _refused("prediction")] = _not_supported("predicted outputs")
     reasoning_effort: Annotated[None, _refused("reasoning_effort")] = _not_supported("reasoning models' effort")
@@ -482,9 +561,10 @@ class ModelList(BaseModel):
 
 # ---- tokenizer endpoints (vLLM's /tokenize and /detokenize) ----------------------------------------------
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     """Exactly one of `prompt` and `messages` (rendered by the chat template, as chat completions does)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra=_cross_field(exactly_one_of("prompt", "messages")))
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -510,8 +590,8 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DetokenizeRequest(_Body):
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     tokens: list[int]
 
