@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 PARKED_POLL_S = 0.05   # how often a generator with only parked sessions checks their time-outs
 INT64_MAX = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # alternatives a token's logprobs may list (OpenAI's and vLLM's limit)
 
 
 class QueueFull(RuntimeError):
@@ -93,6 +94,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     deliberation: DeliberationConfig | None = None  # None: no planner for this session
+    stop_token_ids: tuple[int, ...] = ()   # tokens that end the session as eos does (and add no text)
+    include_stop_str_in_output: bool = False   # the matched stop string ends the text instead of being cut
+    logprobs: int | None = None   # each token's log-probability and this many top alternatives; None: none
 
 
 # ---- events handed to the session's queue -------------------------------------------------------------
@@ -102,6 +106,10 @@ class TokenEvent:
     token_id: int
     text: str       # text released with this token ("" while a UTF-8 character or a stop string is pending)
     position: int   # index of this token in the whole sequence (prompt tokens first)
+    # with request.logprobs: log p(token) under the model's raw distribution at this position (before the
+    # temperature and the sampler's adjustments), and the most likely tokens' (id, logprob), best first
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,7 @@ class Completion:
     token_ids: list[int]
     injections: list
     done: DoneEvent
+    token_events: list[TokenEvent] = field(default_factory=list)   # in order (their text and logprobs)
 
 
 class GenerationFailed(RuntimeError):
@@ -205,7 +214,7 @@ class Session:
         self._prefilled = 0
         self._prefill_row: int | None = None   # its row of the prefill pool while it is prefilled
         self._decoder = IncrementalDecoder(tokenizer)
-        self._stops = StopMatcher(request.stop)
+        self._stops = StopMatcher(request.stop, include=request.include_stop_str_in_output)
 
     @property
     def prompt_tokens(self) -> int:
@@ -230,13 +239,13 @@ class Session:
                 return
 
     async def collect(self) -> Completion:
-        text: list[str] = []
+        tokens: list[TokenEvent] = []
         injections: list = []
         async for event in self.stream():
             if isinstance(event, TokenEvent):
-                text.append(event.text)
+                tokens.append(event)
             elif isinstance(event, DoneEvent):
-                return Completion("".join(text), list(self.tokens), injections, event)
+                return Completion("".join(t.text for t in tokens), list(self.tokens), injections, event, tokens)
             elif isinstance(event, ErrorEvent):
                 raise GenerationFailed(event)
             else:
@@ -299,6 +308,10 @@ class Engine:
             self.pool = model.allocate_state(rows)
             self._logits = torch.zeros(n, self.vocab_size, dtype=torch.float32, device=self.device)  # [n, V]
             self._host_tokens = torch.zeros(n, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            # logprobs of rows [0, n): (chosen, top k) values and top k ids, flat so that any [n, k] is dense
+            self._host_logprobs = torch.zeros(n * (1 + MAX_TOP_LOGPROBS), pin_memory=self.device.type == "cuda")
+            self._host_top_ids = torch.zeros(n * MAX_TOP_LOGPROBS, dtype=torch.long,
+                                             pin_memory=self.device.type == "cuda")
         self._sampler = SamplingTable(n, self.device)
         # On CUDA the decode step replays a graph captured per batch-size bucket over pool rows [0:bucket],
         # and each batched prefill piece a graph per (length, batch bucket), captured here; elsewhere they
@@ -379,6 +392,12 @@ class Engine:
         if not 0 <= request.sampling.top_k <= INT64_MAX:
             raise RequestError(f"top_k must be in [0, {INT64_MAX}] (0: off; above the vocabulary size: every "
                                f"token), got {request.sampling.top_k}", "top_k")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}", "logprobs")
+        for param, ids in (("stop_token_ids", request.stop_token_ids),
+                           ("logit_bias", [t for t, _ in request.sampling.logit_bias])):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise RequestError(f"{param}: token ids outside the vocabulary [0, {self.vocab_size})", param)
         if request.deliberation is not None:
             if self._deliberator_factory is None:
                 raise RequestError("deliberation is not available on this server", "deliberation")
@@ -628,7 +647,7 @@ class Engine:
                     self._open_planners += 1
             self._row_state(row).copy_(self._prefill.state(session._prefill_row))
             self._logits[row].copy_(logits)
-            self._sampler.set_row(row, session.request.sampling, session.seed)
+            self._set_sampler_row(row, session)
         except Exception:
             log.exception("session %s: starting it failed; ending it", session.id)
             self._end(session, error=ErrorEvent("internal error while starting the generation", "internal_error"))
@@ -642,6 +661,15 @@ class Engine:
         self._prefilling.remove(session)
         self._free_prefill_rows.append(session._prefill_row)
         session._prefill_row = None
+    def _set_sampler_row(self, row: int, session: Session) -> None:
+        request = session.request
+        self._sampler.set_row(row, request.sampling, session.seed, drawn=len(session.tokens), vocab=self.vocab_size,
+                              prompt=request.prompt_ids, output=session.tokens, ending=self._ending_ids(request))
+
+    def _ending_ids(self, request: GenerationRequest) -> tuple[int, ...]:
+        """The tokens that end a session when drawn (min_tokens keeps them from being drawn early)."""
+        eos = () if request.ignore_eos else (self.tokenizer.eos_id,)
+        return (*eos, *request.stop_token_ids)
 
     def _row_state(self, row: int) -> RecurrentState:
         return self.pool.rows(slice(row, row + 1))
@@ -669,7 +697,9 @@ class Engine:
             tokens[:n].copy_(self._sampler.sample(self._logits[:n]))
             for session, suggestion in suggestions.items():
                 tokens[session.row] = suggestion
+            self._sampler.record(tokens[:n])        # the penalties count the tokens taken
             host.copy_(tokens[:n], non_blocking=True)
+        logprobs = self._queue_logprobs(tokens[:n]) if n else None
         sampled = record_current(self.device)
         rows = n + self._place_rides(rides, n)
         logits = self._decode(rows)
@@ -682,9 +712,12 @@ class Engine:
             sampled.synchronize()                       # the tokens, not the step just queued
         now = time.perf_counter()
         finished: list[tuple[Session, str | None]] = []   # (session, finish reason; None: it failed)
-        for session, token in zip(self._running, host.tolist()):
+        values, ids = (logprobs[0].tolist(), logprobs[1].tolist()) if logprobs is not None else (None, None)
+        for i, (session, token) in enumerate(zip(self._running, host.tolist())):
+            k = session.request.logprobs
+            scored = None if k is None else (values[i][0], tuple(zip(ids[i][:k], values[i][1:k + 1])))
             try:
-                reason = self._take_token(session, suggestions.get(session, token), now)
+                reason = self._take_token(session, suggestions.get(session, token), now, scored)
             except Exception:  # one session's detokenising or stop matching must not end the batch
                 log.exception("session %s: taking its token failed; ending it", session.id)
                 finished.append((session, None))
@@ -696,6 +729,24 @@ class Engine:
                 self._end(session, error=ErrorEvent("internal error during generation", "internal_error"))
             else:
                 self._end(session, reason=reason)
+
+    def _queue_logprobs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """tokens: [n] the tokens rows [0, n) take. When a running session asks for logprobs: the
+        log-softmax of the rows' raw logits (the model's distribution, before the temperature and the
+        sampler's adjustments, as vLLM returns by default), copied to the host without waiting:
+        values [n, 1 + k] (the token's, then the top k, best first) and ids [n, k], k the most any
+        row asks for. None when no session asks."""
+        asked = [s.request.logprobs for s in self._running if s.request.logprobs is not None]
+        if not asked:
+            return None
+        n, k = tokens.shape[0], max(asked)
+        logprobs = torch.log_softmax(self._logits[:n], dim=-1)                    # [n, V]
+        top = logprobs.topk(k, dim=-1)
+        values = self._host_logprobs[:n * (1 + k)].view(n, 1 + k)
+        ids = self._host_top_ids[:n * k].view(n, k)
+        values.copy_(torch.cat([logprobs.gather(1, tokens[:, None]), top.values], dim=1), non_blocking=True)
+        ids.copy_(top.indices, non_blocking=True)
+        return values, ids
 
     def _place_rides(self, rides: list[_Ride], n: int) -> int:
         """Copy the rides' rows into pool rows [n, n + K) and their tokens after the running rows' ones."""
@@ -791,7 +842,7 @@ class Engine:
             row = len(self._running)
             self._row_state(row).copy_(state)
             self._logits[row].copy_(logits)
-            self._sampler.set_row(row, session.request.sampling, session.seed, drawn=len(session.tokens))
+            self._set_sampler_row(row, session)
             session.row = row
             session.status = SessionStatus.RUNNING
             self._running.append(session)
@@ -802,21 +853,29 @@ class Engine:
         self.decode_steps += 1
         return self._stepper.step(self._stepper.tokens[:rows])
 
-    def _take_token(self, session: Session, token: int, now: float) -> str | None:
-        """Record the token chosen for a session and stream it. Returns a finish reason or None."""
+    def _take_token(self, session: Session, token: int, now: float,
+                    scored: tuple[float, tuple[tuple[int, float], ...]] | None = None) -> str | None:
+        """Record the token chosen for a session and stream it (scored: its logprob and the top ones).
+        Returns a finish reason or None."""
+        request = session.request
         position = len(session.sequence)
         session.tokens.append(token)
         session.sequence.append(token)
         session.token_times.append(now)
-        is_eos = token == self.tokenizer.eos_id and not session.request.ignore_eos
-        text, matched = session._stops.push("" if is_eos else session._decoder.push(token))
+        # before min_tokens nothing ends the session (the sampler does not draw the ending tokens then;
+        # a plan's suggestion might)
+        may_stop = len(session.tokens) > request.sampling.min_tokens
+        is_eos = may_stop and token in self._ending_ids(request)
+        text, matched = session._stops.push("" if is_eos else session._decoder.push(token),
+                                            armed=len(session.tokens) >= request.sampling.min_tokens)
         reason = "stop" if (matched or is_eos) else (
             "length" if len(session.tokens) >= session.request.max_tokens else None)
         if reason is not None and not matched:
             tail, matched = session._stops.push(session._decoder.flush())
             text += tail if matched else tail + session._stops.flush()
             reason = "stop" if matched else reason
-        session._emit(TokenEvent(token, text, position))
+        logprob, top = scored if scored is not None else (None, None)
+        session._emit(TokenEvent(token, text, position, logprob, top))
         return reason
 
     def _leave_row(self, session: Session) -> None:

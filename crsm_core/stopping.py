@@ -7,19 +7,24 @@ from __future__ import annotations
 
 
 class StopMatcher:
-    def __init__(self, stops: tuple[str, ...] | list[str]):
+    def __init__(self, stops: tuple[str, ...] | list[str], include: bool = False):
+        """include: a matched stop string is released (it ends the text) instead of dropped."""
         self.stops = tuple(s for s in stops if s)
+        self.include = include
         self._held = ""  # text that could still be the start of a stop string
 
-    def push(self, text: str) -> tuple[str, bool]:
+    def push(self, text: str, armed: bool = True) -> tuple[str, bool]:
         """Add newly decoded text. Returns (text safe to release now, whether a stop string matched).
+        `armed=False` (before min_tokens): a stop string does not stop, and is released as text.
 
-        On a match the released text ends just before the stop string and the rest is dropped."""
+        On a match the released text ends just before the stop string (with `include`: just after it)
+        and the rest is dropped."""
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((buffer.find(s), s) for s in self.stops) if i >= 0] if armed else []
         if hits:
             self._held = ""
-            return buffer[: min(hits)], True
+            at, length = min(hits)
+            return buffer[: at + length if self.include else at], True
         keep = self._longest_partial_suffix(buffer)
         self._held = buffer[len(buffer) - keep:]
         return buffer[: len(buffer) - keep], False

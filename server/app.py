@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from . import generate_api, openai_api, status, ui
+from . import generate_api, openai_api, openapi, status, ui
 from .edge import EdgeGuard
 from .errors import install_error_handlers
 from .metrics import RequestMetricsMiddleware
-from .runtime import Loader, Runtime, load_model
+from .runtime import SERVER_VERSION, Loader, Runtime, load_model
 from .settings import ServerSettings
 from .streaming import ClientGone
 
@@ -26,7 +26,7 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
         yield
         await runtime.begin_shutdown()
 
-    app = FastAPI(title="CRSM server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="CRSM server", version=SERVER_VERSION, lifespan=lifespan)
     app.state.runtime = runtime
     install_error_handlers(app)
     # the metrics count what the door refuses too (as "unmatched": no route was reached)
@@ -40,6 +40,8 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    app.add_api_route("/health", health, methods=["HEAD"])   # load balancers probe with HEAD
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -56,4 +58,5 @@ def create_app(settings: ServerSettings, loader: Loader = load_model) -> FastAPI
     app.include_router(status.router)
     if settings.ui:
         ui.mount(app)
+    openapi.install(app, runtime)
     return app

@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+"""OpenAI-compatible endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models` (and one model's
+card), and vLLM's `/tokenize`, `/detokenize` and `/version`.
 
 Every (prompt, n) pair is one engine session; all of a request's sessions are queued together (or the
 request is refused with 429). With a seed and n > 1, choice j uses seed + j. Streams end with
@@ -15,13 +16,16 @@ from typing import AsyncIterator, Callable
 from fastapi import APIRouter, Request
 
 from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, Session, TokenEvent
+from crsm_core.tokenizer import Tokenizer
 
 from .chat_template import render_chat
+from .errors import APIError
 from .generate_api import error_payload, failure
-from .runtime import Runtime, runtime_of
-from .schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                      ChatCompletionResponse, ChatDelta, ChatMessageOut, CompletionChoice, CompletionRequest,
-                      CompletionResponse, ModelCard, ModelList, Usage, _OpenAIRequest)
+from .runtime import SERVER_VERSION, Runtime, runtime_of
+from .schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatLogprobs,
+                      ChatCompletionResponse, ChatDelta, ChatMessageOut, CompletionChoice, CompletionLogprobs,
+                      CompletionRequest, CompletionResponse, DetokenizeRequest, TokenLogprob, TopLogprob, DetokenizeResponse, ModelCard, ModelList,
+                      TokenizeRequest, TokenizeResponse, Usage, VersionResponse, _OpenAIRequest)
 from .streaming import merge, sse, sse_response, unless_disconnected
 
 router = APIRouter()
@@ -30,10 +34,52 @@ DONE = "data: [DONE]\n\n"
 PARAM_NAMES = {"token_ids": "prompt"}
 
 
+def _card(runtime: Runtime) -> ModelCard:
+    return ModelCard(id=runtime.model_name, created=runtime.created, root=str(runtime.settings.model_dir),
+                     max_model_len=runtime.max_model_len)
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
+    return ModelList(data=[_card(runtime_of(request))])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def model(model_id: str, request: Request) -> ModelCard:
     runtime = runtime_of(request)
-    return ModelList(data=[ModelCard(id=runtime.model_name, created=runtime.created)])
+    runtime.check_model(model_id)
+    return _card(runtime)
+
+
+# ---- vLLM's tokenizer endpoints and version ---------------------------------------------------------------
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    runtime = runtime_of(request)
+    if body.model is not None:
+        runtime.check_model(body.model)
+    _, tokenizer = runtime.require_engine()
+    ids = tokenizer.encode(body.text())
+    strs = [tokenizer.decode([t]) for t in ids] if body.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=runtime.max_model_len, tokens=ids, token_strs=strs)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    runtime = runtime_of(request)
+    if body.model is not None:
+        runtime.check_model(body.model)
+    engine, tokenizer = runtime.require_engine()
+    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token ids outside the vocabulary [0, {engine.vocab_size}): {bad[:8]}", param="tokens",
+                       code="invalid_value")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version() -> VersionResponse:
+    return VersionResponse(version=SERVER_VERSION)
 
 
 def _submit(runtime: Runtime, body: _OpenAIRequest, prompts: list[list[int]]) -> list[Session]:
@@ -59,20 +105,24 @@ async def _collect(request: Request, sessions: list[Session]) -> list[Completion
 
 
 async def _stream(sessions: list[Session], prompts: list[list[int]], include_usage: bool,
-                  chunk: Callable[[int, str | None, str | None], str], opening: list[str],
+                  chunk: Callable[[int, str | None, str | None, list[TokenEvent]], str], opening: list[str],
                   usage_chunk: Callable[[Usage], str]) -> AsyncIterator[str]:
-    """chunk(index, text or None, finish_reason) -> SSE message; opening: messages sent first."""
+    """chunk(index, text or None, finish_reason, the tokens it carries) -> SSE message; opening: messages
+    sent first. A token whose text is held back (a UTF-8 character or a stop string pending) goes with
+    the next chunk of its choice, so each token's logprobs are sent once."""
     completion_tokens = 0
+    pending: dict[int, list[TokenEvent]] = {}
     try:
         for message in opening:
             yield message
         async for index, event in merge(sessions):
             if isinstance(event, TokenEvent):
                 completion_tokens += 1
+                pending.setdefault(index, []).append(event)
                 if event.text:
-                    yield chunk(index, event.text, None)
+                    yield chunk(index, event.text, None, pending.pop(index))
             elif isinstance(event, DoneEvent):
-                yield chunk(index, None, event.finish_reason)
+                yield chunk(index, None, event.finish_reason, pending.pop(index, []))
             elif isinstance(event, ErrorEvent):
                 yield sse(error_payload(event))
                 break
@@ -95,6 +145,37 @@ def _chunk_dict(chunk: CompletionResponse | ChatCompletionChunk, include_usage: 
     return data
 
 
+# ---- logprobs -----------------------------------------------------------------------------------------
+# The engine computes them in the batched step from the model's raw distribution (before temperature
+# and the sampler's adjustments); a token's text here is the token decoded alone.
+
+def _completion_logprobs(tokens: list[TokenEvent], tokenizer: Tokenizer, offset: int) -> CompletionLogprobs:
+    """offset: where the first token's text starts in the choice's text (after the echo, or the text
+    streamed before)."""
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for t in tokens:
+        out.tokens.append(tokenizer.decode([t.token_id]))
+        out.token_logprobs.append(t.logprob)
+        top: dict[str, float] = {}
+        for text, value in [*((tokenizer.decode([i]), v) for i, v in t.top_logprobs), (out.tokens[-1], t.logprob)]:
+            top[text] = max(value, top.get(text, value))   # tokens of one text: the best one's
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(t.text)
+    return out
+
+
+def _top(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
+    text = tokenizer.decode([token_id])
+    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+
+def _chat_logprobs(tokens: list[TokenEvent], tokenizer: Tokenizer) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        TokenLogprob(**_top(tokenizer, t.token_id, t.logprob).model_dump(),
+                     top_logprobs=[_top(tokenizer, i, v) for i, v in t.top_logprobs]) for t in tokens])
+
+
 # ---- /v1/completions ----------------------------------------------------------------------------------
 
 @router.post("/v1/completions", response_model=CompletionResponse)
@@ -115,21 +196,30 @@ async def completions(body: CompletionRequest, request: Request):
     sessions = _submit(runtime, body, prompts)
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
 
+    wants_logprobs = body.logprobs is not None
     if body.stream:
-        def chunk(index: int, text: str | None, finish: str | None) -> str:
-            choice = CompletionChoice(index=index, text=text or "", finish_reason=finish)
+        offsets = [len(echoes[i // body.n]) for i in range(len(sessions))]   # of each choice's next text
+
+        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+            logprobs = _completion_logprobs(tokens, tokenizer, offsets[index]) if wants_logprobs else None
+            offsets[index] += len(text or "")
+            choice = CompletionChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish)
             return sse(_chunk_dict(CompletionResponse(id=cid, created=created, model=model, choices=[choice]),
                                    body.include_usage))
 
         def usage_chunk(usage: Usage) -> str:
             return sse(CompletionResponse(id=cid, created=created, model=model, choices=[], usage=usage).model_dump())
 
-        opening = [chunk(i, echoes[i // body.n], None) for i in range(len(sessions)) if echoes[i // body.n]]
+        opening = [sse(_chunk_dict(CompletionResponse(id=cid, created=created, model=model, choices=[
+            CompletionChoice(index=i, text=echoes[i // body.n], finish_reason=None)]), body.include_usage))
+            for i in range(len(sessions)) if echoes[i // body.n]]
         return sse_response(_stream(sessions, prompts, body.include_usage, chunk, opening, usage_chunk))
 
     done = await _collect(request, sessions)
-    choices = [CompletionChoice(index=i, text=echoes[i // body.n] + c.text, finish_reason=c.done.finish_reason)
-               for i, c in enumerate(done)]
+    choices = [CompletionChoice(index=i, text=echoes[i // body.n] + c.text, finish_reason=c.done.finish_reason,
+                                logprobs=_completion_logprobs(c.token_events, tokenizer, len(echoes[i // body.n]))
+                                if wants_logprobs else None,
+                                deliberation=c.done.deliberation) for i, c in enumerate(done)]
     return CompletionResponse(id=cid, created=created, model=model, choices=choices,
                               usage=_usage(prompts, sum(c.done.usage.completion_tokens for c in done)))
 
@@ -143,14 +233,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompts = await runtime.encode([render_chat([(m.role, m.text()) for m in body.messages])])
     sessions = _submit(runtime, body, prompts)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
+    wants_logprobs = body.logprob_alternatives() is not None
 
     if body.stream:
         def message(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             c = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)
             return sse(_chunk_dict(c, body.include_usage))
 
-        def chunk(index: int, text: str | None, finish: str | None) -> str:
-            return message([ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=finish)])
+        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+            logprobs = _chat_logprobs(tokens, tokenizer) if wants_logprobs else None
+            return message([ChatChunkChoice(index=index, delta=ChatDelta(content=text), logprobs=logprobs,
+                                            finish_reason=finish)])
 
         opening = [message([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
                    for i in range(len(sessions))]
@@ -158,7 +251,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                     lambda usage: message([], usage)))
 
     done = await _collect(request, sessions)
-    choices = [ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.done.finish_reason)
-               for i, c in enumerate(done)]
+    choices = [ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.done.finish_reason,
+                          logprobs=_chat_logprobs(c.token_events, tokenizer) if wants_logprobs else None,
+                          deliberation=c.done.deliberation) for i, c in enumerate(done)]
     return ChatCompletionResponse(id=cid, created=created, model=model, choices=choices,
                                   usage=_usage(prompts, sum(c.done.usage.completion_tokens for c in done)))

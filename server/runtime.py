@@ -3,6 +3,7 @@ engine and the defaults of the fields a request leaves out."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from typing import Callable
@@ -22,6 +23,7 @@ from .settings import RequestDefaults, ServerSettings
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ServerSettings], CRSMModel]
+SERVER_VERSION = importlib.metadata.version("crsm-server")
 
 # Encoding this many characters takes about a millisecond with the byte tokenizer (more with BPE): longer
 # texts are encoded off the event loop.
@@ -60,6 +62,12 @@ class Runtime:
     @property
     def model_name(self) -> str:
         return self.settings.served_model_name
+
+    @property
+    def max_model_len(self) -> int:
+        """The most tokens one session holds: the longest prompt and the most new tokens (as vLLM's
+        max_model_len: the recurrent model itself has no context limit)."""
+        return self.settings.engine.max_prompt_tokens + self.settings.engine.max_new_tokens
 
     async def load(self) -> None:
         try:
@@ -128,7 +136,8 @@ class Runtime:
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(400, f"the model {shortened(name)} does not exist; this server serves {self.model_name!r}",
+            # OpenAI's answer to an unknown model: 404, code model_not_found
+            raise APIError(404, f"the model {shortened(name)} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
     async def encode(self, texts: list[str]) -> list[list[int]]:

@@ -43,6 +43,11 @@ ENV_PREFIX = "CRSM_"
 # tokens ahead before it searches. The server's defaults keep to the same bounds.
 MAX_SIMULATIONS = 256
 MAX_LAG = 32
+# A late plan is caught up by stepping its state over the positions it missed, one backbone step per
+# position, in the generator: the most lateness a request may let a plan have before it is pruned.
+MAX_LATENESS = 128
+# The value heads' spread is a standard deviation of probabilities (at most 0.5): 1 never vetoes.
+MAX_VETO_THRESHOLD = 1.0
 
 
 class SettingsError(ValueError):
@@ -84,10 +89,16 @@ class DeliberationKnobs(BaseModel):
     """the first this many completion positions are planned synchronously (time to think, counted in TTFT)"""
     verifier: str | None = Field(None, max_length=64)
     """score plans with this checker (one of the model's, e.g. arithmetic) instead of the value heads"""
+    veto_threshold: float | None = Field(None, ge=0.0, le=MAX_VETO_THRESHOLD)
+    """a plan whose value heads disagree more than this (the spread of their probabilities) is vetoed
+    (default: the model's calibrated threshold)"""
+    max_lag: int | None = Field(None, ge=0, le=MAX_LATENESS)
+    """a plan that arrives more than this many positions late is pruned instead of caught up"""
 
     def apply_to(self, base: DeliberationConfig) -> DeliberationConfig:
         """`base` with the fields that are set (their bounds are within DeliberationConfig's)."""
-        changes = {name: value for name in ("lag", "injection_rate", "use_suggestions", "synchronous", "lead_window", "verifier")
+        changes = {name: value for name in ("lag", "injection_rate", "use_suggestions", "synchronous", "lead_window",
+                                            "verifier", "veto_threshold", "max_lag")
                    if (value := getattr(self, name)) is not None}
         if self.simulations is not None:
             changes["planner"] = dataclasses.replace(base.planner, n_simulations=self.simulations)

@@ -135,3 +135,28 @@ def test_seeds_across_the_64_bit_range():
 def test_invalid_params_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_penalties_bias_and_min_tokens_follow_their_row():
+    """The [rows, V] tables move with their row, count the tokens recorded, and leave other rows alone."""
+    torch.manual_seed(2)
+    logits = torch.randn(2, 12)
+    penalized = SamplingParams(temperature=0.0, frequency_penalty=2.0, logit_bias=((3, 1.5),), min_tokens=2)
+    t = SamplingTable(2, "cpu")
+    t.set_row(0, SamplingParams(temperature=0.0), 0)
+    t.set_row(1, penalized, 0, vocab=12, prompt=[1], output=[5, 5], ending=[7])
+    adjusted = t.adjust(logits)
+    assert torch.equal(adjusted[0], logits[0])
+    expected = logits[1].clone()
+    expected[3] += 1.5
+    expected[5] -= 4.0
+    expected[7] = float("-inf")
+    assert torch.allclose(adjusted[1], expected)
+    t.sample(logits)
+    t.record(torch.tensor([0, 9]))
+    t.move_row(1, 0)
+    expected[9] -= 2.0
+    assert torch.allclose(t.adjust(logits[1:])[0], expected)
+    t.sample(logits[1:])                    # two drawn: the ending token may be drawn again
+    expected[7] = logits[1, 7]
+    assert torch.allclose(t.adjust(logits[1:])[0], expected)

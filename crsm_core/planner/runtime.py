@@ -432,10 +432,13 @@ class PlannerRuntime:
             return [() for _ in requests], logits
         table = SamplingTable(len(requests), self.device)
         for i, request in enumerate(requests):
-            table.set_row(i, request.sampling, request.seed, request.drawn)
+            start = request.position - request.drawn   # where the generated tokens begin
+            table.set_row(i, request.sampling, request.seed, request.drawn, vocab=logits.shape[-1],
+                          prompt=request.tokens[:start], output=request.tokens[start:request.position])
         drawn = []
         for _ in range(lead):
             tokens = table.sample(logits)
+            table.record(tokens)
             drawn.append(tokens)
             guard(len(requests))
             logits = step(tokens, states).float()
