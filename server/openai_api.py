@@ -59,7 +59,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.model is not None:
         runtime.check_model(body.model)
     _, tokenizer = runtime.require_engine()
-    ids = tokenizer.encode(body.text())
+    ids = (await runtime.encode([body.text()]))[0]
     strs = [tokenizer.decode([t]) for t in ids] if body.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=runtime.max_model_len, tokens=ids, token_strs=strs)
 
@@ -230,6 +230,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     runtime = runtime_of(request)
     runtime.check_model(body.model)
+    _, tokenizer = runtime.require_engine()
     prompts = await runtime.encode([render_chat([(m.role, m.text()) for m in body.messages])])
     sessions = _submit(runtime, body, prompts)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name

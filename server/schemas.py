@@ -25,7 +25,7 @@ from .settings import DeliberationKnobs, RequestDefaults
 
 Temperature = Field(1.0, ge=0.0, le=2.0)
 TopP = Field(1.0, gt=0.0, le=1.0)
-TopK = Field(0, ge=0)
+TopK = Field(0, ge=0, le=2**63 - 1)  # the engine bounds it so (a tensor holds it)
 # The 64-bit range torch's generators take (the engine keeps a seed's 64 bits); a seed outside it used
 # to fail in the engine with a 500.
 Seed = Field(None, ge=-2**63, le=2**64 - 1)
@@ -37,8 +37,9 @@ STRICT = ConfigDict(strict=True)
 
 
 def _json_integers(value: Any) -> Any:
-    """A JSON body with its integral numbers as ints: 2.0 is an integer in JSON Schema (and so in
-    /openapi.json), and a strict float field takes an int as it is."""
+    """A JSON body with its integral numbers as ints: 2.0 is an integer in JSON Schema, so /openapi.json
+    promises to take it (schemathesis sends such bodies), while "2" and true stay refused; a strict float
+    field takes an int as it is."""
     if type(value) is float and value.is_integer():
         return int(value)
     if isinstance(value, list):
