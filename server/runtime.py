@@ -6,6 +6,8 @@ import asyncio
 import importlib.metadata
 import logging
 import time
+import tomllib
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,7 +25,19 @@ from .settings import RequestDefaults, ServerSettings
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ServerSettings], CRSMModel]
-SERVER_VERSION = importlib.metadata.version("crsm-server")
+
+
+def _server_version() -> str:
+    """The installed package's version; a checkout run without installing it (PYTHONPATH) reads its
+    pyproject.toml instead, so the server starts either way."""
+    try:
+        return importlib.metadata.version("crsm-server")
+    except importlib.metadata.PackageNotFoundError:
+        with (Path(__file__).resolve().parents[1] / "pyproject.toml").open("rb") as f:
+            return tomllib.load(f)["project"]["version"]
+
+
+SERVER_VERSION = _server_version()
 
 # Encoding this many characters takes about a millisecond with the byte tokenizer (more with BPE): longer
 # texts are encoded off the event loop.

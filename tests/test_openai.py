@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -441,3 +442,18 @@ def test_chat_logprobs_are_the_models(client, live, backbone):
     with pytest.raises(openai.BadRequestError) as refused:
         completion(client, logprobs=2, echo=True)
     assert (refused.value.param, refused.value.code) == ("logprobs", "unsupported_parameter")
+
+
+def test_the_version_of_a_checkout_that_is_not_installed(monkeypatch):
+    """Run from a checkout on PYTHONPATH (no package metadata), the server still knows its version: it
+    failed to import there before."""
+    import tomllib
+
+    from server import runtime
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    pyproject = tomllib.loads((Path(runtime.__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert runtime._server_version() == pyproject["project"]["version"]
