@@ -25,7 +25,9 @@ from .settings import DeliberationKnobs, RequestDefaults
 
 Temperature = Field(1.0, ge=0.0, le=2.0)
 TopP = Field(1.0, gt=0.0, le=1.0)
-TopK = Field(0, ge=0)
+# top_k and min_tokens live in int64 tensors on the device; no vocabulary or generation comes near this
+MAX_COUNT = 1 << 30
+TopK = Field(0, ge=0, le=MAX_COUNT)
 # The 64-bit range torch's generators take (the engine keeps a seed's 64 bits); a seed outside it used
 # to fail in the engine with a 500.
 Seed = Field(None, ge=-2**63, le=2**64 - 1)
@@ -151,7 +153,7 @@ class SamplingFields(_Body):
                                       "the negative) of the tokens in the prompt or the output (1: off)")
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS, description="token id -> added to its logit, in [-100, 100]")
-    min_tokens: int = Field(0, ge=0, description="eos and stop_token_ids are not drawn, and stop strings do "
+    min_tokens: int = Field(0, ge=0, le=MAX_COUNT, description="eos and stop_token_ids are not drawn, and stop strings do "
                                                  "not stop, before this many tokens (more than max_tokens: "
                                                  "nothing stops before max_tokens)")
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,

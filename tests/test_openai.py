@@ -89,6 +89,14 @@ def test_what_is_not_implemented_is_refused_naming_the_field(client, call, field
     assert param.rsplit(".", 1)[-1].split("_")[0] in error.body["message"]
 
 
+@pytest.mark.parametrize("field", ["top_k", "min_tokens"])
+def test_counts_beyond_the_devices_integers_are_refused(client, field):
+    # (a top_k of 7e24 used to leave its session waiting for ever: the sampler's int64 could not hold it)
+    with pytest.raises(openai.BadRequestError) as refused:
+        completion(client, extra_body={field: 7095998033949438729256960})
+    assert (refused.value.param, refused.value.code) == (field, "less_than_equal")
+
+
 def test_what_is_neutral_is_accepted(client):
     """The same fields at the values that ask for nothing are served."""
     assert completion(client, best_of=1, extra_body={"response_format": {"type": "text"}}).choices
