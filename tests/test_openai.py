@@ -20,7 +20,8 @@ from crsm_core.model import CRSMModel
 from crsm_core.tokenizer import ByteTokenizer
 from crsm_core.value import ValueHeads, ValueHeadsConfig
 from server.chat_template import CHAT_STOPS, render_chat
-from test_server import MODEL, LiveServer, model_dir, one_torch_thread, settings_for  # noqa: F401 (fixtures)
+from server.settings import MAX_LAG, MAX_LATENESS
+from test_server import MODEL, LiveServer, metrics, model_dir, one_torch_thread, settings_for  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -449,3 +450,20 @@ def test_chat_logprobs_are_the_models(client, live, backbone):
     with pytest.raises(openai.BadRequestError) as refused:
         completion(client, logprobs=2, echo=True)
     assert (refused.value.param, refused.value.code) == ("logprobs", "unsupported_parameter")
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+
+def test_the_schema_and_the_docs_are_counted_under_their_routes(live):
+    for path in ("/openapi.json", "/docs", "/version"):
+        assert httpx.get(live.url + path).status_code == 200
+    counted = {labels for name, labels in metrics(live.url) if name == "crsm_requests_total"}
+    for path in ("/openapi.json", "/docs", "/version"):
+        assert (("endpoint", path), ("status", "200")) in counted
+
+
+def test_the_planner_lag_buckets_reach_past_the_latest_plan(live):
+    # a plan resolves at most its lead (MAX_LAG) plus max_lag (MAX_LATENESS) plus one positions late
+    bounds = sorted(float(dict(labels)["le"]) for name, labels in metrics(live.url)
+                    if name == "crsm_planner_lag_tokens_bucket")
+    assert bounds[-1] == float("inf") and bounds[-2] > MAX_LAG + MAX_LATENESS + 1
