@@ -292,6 +292,20 @@ class _OpenAIRequest(SamplingFields):
         None, description="only {\"type\": \"text\"}; json_object and json_schema are refused")
     # the native API's deliberation object (OpenAI clients send it through extra_body)
     deliberation: DeliberationRequest | None = None
+    # vLLM's fields of what is not implemented here
+    guided_json: Annotated[None, _refused("guided_json")] = _not_supported("guided decoding")
+    guided_regex: Annotated[None, _refused("guided_regex")] = _not_supported("guided decoding")
+    guided_choice: Annotated[None, _refused("guided_choice")] = _not_supported("guided decoding")
+    guided_grammar: Annotated[None, _refused("guided_grammar")] = _not_supported("guided decoding")
+    structured_outputs: Annotated[None, _refused("structured_outputs")] = _not_supported("structured outputs")
+    allowed_token_ids: Annotated[None, _refused("allowed_token_ids")] = _not_supported("allowed_token_ids")
+    bad_words: Annotated[None, _refused("bad_words")] = _not_supported("bad_words")
+    prompt_logprobs: Annotated[None, _refused("prompt_logprobs")] = _not_supported("the prompt's logprobs")
+    truncate_prompt_tokens: Annotated[None, _refused("truncate_prompt_tokens")] = _not_supported("prompt truncation")
+    use_beam_search: Annotated[Literal[False] | None, _refused("use_beam_search", (None, False))] = Field(
+        None, description="only false")
+    skip_special_tokens: Annotated[Literal[True] | None, _refused("skip_special_tokens false", (None, True))] = (
+        Field(None, description="only true: special tokens add no text"))
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -439,6 +453,15 @@ class ChatCompletionRequest(_OpenAIRequest):
     prediction: Annotated[None, _refused("prediction")] = _not_supported("predicted outputs")
     reasoning_effort: Annotated[None, _refused("reasoning_effort")] = _not_supported("reasoning models' effort")
     web_search_options: Annotated[None, _refused("web_search_options")] = _not_supported("web search")
+    # vLLM's chat fields: the one template, rendered as it is
+    add_generation_prompt: Annotated[Literal[True] | None, _refused("add_generation_prompt false", (None, True))] = (
+        Field(None, description="only true: the prompt opens the assistant's turn"))
+    continue_final_message: Annotated[Literal[False] | None, _refused("continue_final_message", (None, False))] = (
+        Field(None, description="only false"))
+    echo: Annotated[Literal[False] | None, _refused("echo on chat", (None, False))] = Field(None, description="only false")
+    chat_template: Annotated[None, _refused("chat_template")] = _not_supported("another chat template")
+    chat_template_kwargs: Annotated[None, _refused("chat_template_kwargs")] = _not_supported("template arguments")
+    documents: Annotated[None, _refused("documents")] = _not_supported("documents")
     extra_stops: ClassVar[tuple[str, ...]] = CHAT_STOPS
 
     @field_validator("top_logprobs")

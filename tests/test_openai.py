@@ -79,6 +79,14 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
      "messages.0.tool_calls", "unsupported_parameter"),
     (chat, dict(modalities=["text", "audio"]), "modalities", "unsupported_parameter"),
     (chat, dict(audio={"voice": "alloy", "format": "wav"}), "audio", "unsupported_parameter"),
+    # vLLM's
+    (completion, dict(extra_body={"guided_json": {"type": "object"}}), "guided_json", "unsupported_parameter"),
+    (chat, dict(extra_body={"guided_choice": ["a", "b"]}), "guided_choice", "unsupported_parameter"),
+    (completion, dict(extra_body={"use_beam_search": True}), "use_beam_search", "unsupported_parameter"),
+    (completion, dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs", "unsupported_parameter"),
+    (completion, dict(extra_body={"allowed_token_ids": [1, 2]}), "allowed_token_ids", "unsupported_parameter"),
+    (chat, dict(extra_body={"add_generation_prompt": False}), "add_generation_prompt", "unsupported_parameter"),
+    (chat, dict(extra_body={"chat_template": "{{ messages }}"}), "chat_template", "unsupported_parameter"),
 ])
 def test_what_is_not_implemented_is_refused_naming_the_field(client, call, fields, param, code):
     with pytest.raises(openai.BadRequestError) as refused:
@@ -102,6 +110,7 @@ def test_what_is_neutral_is_accepted(client):
     """The same fields at the values that ask for nothing are served."""
     assert completion(client, best_of=1, extra_body={"response_format": {"type": "text"}}).choices
     answer = chat(client, tools=[TOOL], tool_choice="none", response_format={"type": "text"}, modalities=["text"],
+                  extra_body={"add_generation_prompt": True, "skip_special_tokens": True, "use_beam_search": False},
                   messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert answer.choices[0].message.role == "assistant"
 
