@@ -87,19 +87,23 @@ def invalid(message: str) -> PydanticCustomError:
 
 
 def _cross_field(*constraints: dict):
-    """A model's json_schema_extra: what its validators check across fields, in JSON Schema (allOf), so that
-    /openapi.json accepts what the server accepts and nothing else."""
+    """A model's json_schema_extra: what its validators check across fields, in JSON Schema (allOf of
+    anyOf / oneOf), so that /openapi.json accepts what the server accepts and nothing else."""
     def extra(schema: dict) -> None:
-        schema.setdefault("allOf", []).extend(spelled_out(c, schema["properties"]) for c in constraints)
+        schema.setdefault("allOf", []).extend(constraints)
     return extra
 
 
-def spelled_out(constraint: dict, properties: dict) -> dict:
-    """The constraint (an anyOf or oneOf of branches) with every field in every branch, with its own schema
-    where the branch does not narrow it: the same set of bodies, but generators that draw a branch
-    (schemathesis) otherwise draw the fields it leaves out unconstrained."""
-    [(kind, branches)] = constraint.items()
-    return {kind: [{**branch, "properties": {**properties, **branch.get("properties", {})}} for branch in branches]}
+def spelled_out(schema: dict) -> None:
+    """Each branch of the schema's cross-field constraints with every field of the schema, in the field's
+    own schema where the branch does not narrow it: the same set of bodies, but generators that draw a
+    branch (schemathesis) otherwise draw the fields it leaves out unconstrained. Done last, on the
+    final properties."""
+    properties = schema["properties"]
+    for constraint in schema.get("allOf", []):
+        [(kind, branches)] = constraint.items()
+        constraint[kind] = [{**branch, "properties": {**properties, **branch.get("properties", {})}}
+                            for branch in branches]
 
 
 def _null(field: str) -> dict:
