@@ -864,14 +864,13 @@ class Engine:
         session.token_times.append(now)
         # before min_tokens nothing ends the session (the sampler does not draw the ending tokens then;
         # a plan's suggestion might)
-        may_stop = len(session.tokens) > request.sampling.min_tokens
-        is_eos = may_stop and token in self._ending_ids(request)
-        text, matched = session._stops.push("" if is_eos else session._decoder.push(token),
-                                            armed=len(session.tokens) >= request.sampling.min_tokens)
+        is_eos = len(session.tokens) > request.sampling.min_tokens and token in self._ending_ids(request)
+        armed = len(session.tokens) >= request.sampling.min_tokens
+        text, matched = session._stops.push("" if is_eos else session._decoder.push(token), armed=armed)
         reason = "stop" if (matched or is_eos) else (
             "length" if len(session.tokens) >= session.request.max_tokens else None)
         if reason is not None and not matched:
-            tail, matched = session._stops.push(session._decoder.flush())
+            tail, matched = session._stops.push(session._decoder.flush(), armed=armed)
             text += tail if matched else tail + session._stops.flush()
             reason = "stop" if matched else reason
         logprob, top = scored if scored is not None else (None, None)

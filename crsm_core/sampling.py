@@ -45,8 +45,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2 ** 63:    # an int64 on the device
+            raise ValueError(f"top_k must be in [0, 2**63), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not -2 ** 63 <= self.seed < 2 ** 64:   # what torch.Generator takes
@@ -58,8 +58,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if not 0 <= self.min_tokens < 2 ** 63:
+            raise ValueError(f"min_tokens must be in [0, 2**63), got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:

@@ -7,6 +7,10 @@ prometheus-client is thread-safe); request counts and request latency by an ASGI
 `GET /v1/status`. A second in which no plan was resolved has no landing ratio and no lag (None), rather
 than a made-up 0. Tokens are counted when their session ends, as `crsm_generated_tokens` is, so the rate
 is what `rate(crsm_generated_tokens_total[1m])` shows.
+
+The injection acceptance ratio is not exported as a gauge (a ratio since start says little about now):
+it is derived from the counters over a window, `ACCEPTANCE_RATIO_PROMQL`, as the dashboard does
+(deploy/grafana/dashboards/crsm.json).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crsm_core.engine import Engine, Session
@@ -26,10 +31,15 @@ from crsm_core.injection import Effect, InjectionEvent, InjectionOutcome
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-LAG_TOKEN_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+# Positions from a plan's snapshot to its resolution: its lead (at most MAX_LAG) and its lateness (pruned
+# past max_lag: a request's at most MAX_LATENESS, the model's default 64) and one; the buckets reach past them.
+LAG_TOKEN_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 LAG_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 ACCEPTED = (InjectionOutcome.APPLIED, InjectionOutcome.APPLIED_LATE)
+_ACCEPTED_RE = "|".join(o.value for o in ACCEPTED)
+ACCEPTANCE_RATIO_PROMQL = (f'sum(rate(crsm_injections_total{{outcome=~"{_ACCEPTED_RE}"}}[5m]))'
+                           f' / sum(rate(crsm_injections_total[5m]))')
 GENERATION_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/generate"})
 # The status recorded for a request whose client left before any response was sent.
 CLIENT_CLOSED = 499
@@ -70,8 +80,6 @@ class ServerMetrics:
                                "Applied planner results by what they did: suggested (their token was emitted), "
                                "blended (their state was blended in), none (the emitted token was theirs or "
                                "one they did not judge worse)", ["effect"], registry=r)
-        self.acceptance = Gauge("crsm_injection_acceptance_ratio",
-                                "Applied (on time or late) over all planner results so far", registry=r)
         self.planner_lag_tokens = Histogram("crsm_planner_lag_tokens",
                                             "Positions between a planner's snapshot and the use of its result",
                                             buckets=LAG_TOKEN_BUCKETS, registry=r)
@@ -86,7 +94,6 @@ class ServerMetrics:
             self.injections.labels(outcome.value)
         for effect in Effect:
             self.effects.labels(effect.value)
-        self.acceptance.set(0)
         self._lock = threading.Lock()
         self._resolved = self._accepted = self._generated = self._lag_tokens = 0
         self._engine: Engine | None = None
@@ -108,7 +115,6 @@ class ServerMetrics:
             self._resolved += 1
             self._accepted += event.outcome in ACCEPTED
             self._lag_tokens += lag
-            self.acceptance.set(self._accepted / self._resolved)
         self.planner_lag_tokens.observe(lag)
         self.planner_lag_seconds.observe(event.latency_s)
 
@@ -218,8 +224,16 @@ class RequestMetricsMiddleware:
             status = status or 500  # the outer error middleware answers 500
             raise
         finally:
-            route = scope.get("route")
-            endpoint = route.path if route is not None else "unmatched"
+            endpoint = _endpoint(scope)
             self.metrics.requests.labels(endpoint, str(status or CLIENT_CLOSED)).inc()
             if endpoint in GENERATION_ENDPOINTS:
                 self.metrics.request_latency.observe(time.perf_counter() - start)
+
+
+def _endpoint(scope: Scope) -> str:
+    """The route template of a request: FastAPI names it (scope["route"]) for its API routes only; the
+    schema, the docs and mounted files are found among the app's routes."""
+    route = scope.get("route")
+    if route is None:
+        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] is Match.FULL), None)
+    return route.path if route is not None else "unmatched"

@@ -83,6 +83,9 @@ def install(app: FastAPI, runtime: Runtime) -> None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         _responses(schema)
         _limits(schema, runtime)
+        for component in schema["components"]["schemas"].values():
+            if "allOf" in component:
+                spelled_out(component)
         if runtime.engine is not None:   # the vocabulary and the planner's limits are in: it is final
             app.openapi_schema = schema
         return schema
@@ -175,8 +178,7 @@ def _planner_limits(deliberation: dict, runtime: Runtime) -> None:
     fits = [s for s in range(1, MAX_SIMULATIONS + 1)
             if planner_runtime.roots_that_fit(dataclasses.replace(base, n_simulations=s)) >= 1]
     off = [False] if runtime.defaults.deliberation_enabled else [False, None]
-    deliberation.setdefault("allOf", []).append(spelled_out({"anyOf": [
+    deliberation.setdefault("allOf", []).append({"anyOf": [
         {"properties": {"enabled": {"enum": off}}},
         {"properties": {"verifier": {"enum": [*sorted(planner_runtime.verifiers), None]},
-                        "simulations": {"anyOf": [_integers(1, max(fits)), {"type": "null"}]}}}]},
-        deliberation["properties"]))
+                        "simulations": {"anyOf": [_integers(1, max(fits)), {"type": "null"}]}}}]})

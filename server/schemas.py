@@ -25,7 +25,9 @@ from .settings import DeliberationKnobs, RequestDefaults
 
 Temperature = Field(1.0, ge=0.0, le=2.0)
 TopP = Field(1.0, gt=0.0, le=1.0)
-TopK = Field(0, ge=0, le=2**63 - 1)  # the engine bounds it so (a tensor holds it)
+# top_k and min_tokens live in int64 tensors on the device; no vocabulary or generation comes near this
+MAX_COUNT = 1 << 30
+TopK = Field(0, ge=0, le=MAX_COUNT)
 # The 64-bit range torch's generators take (the engine keeps a seed's 64 bits); a seed outside it used
 # to fail in the engine with a 500.
 Seed = Field(None, ge=-2**63, le=2**64 - 1)
@@ -86,19 +88,23 @@ def invalid(message: str) -> PydanticCustomError:
 
 
 def _cross_field(*constraints: dict):
-    """A model's json_schema_extra: what its validators check across fields, in JSON Schema (allOf), so that
-    /openapi.json accepts what the server accepts and nothing else."""
+    """A model's json_schema_extra: what its validators check across fields, in JSON Schema (allOf of
+    anyOf / oneOf), so that /openapi.json accepts what the server accepts and nothing else."""
     def extra(schema: dict) -> None:
-        schema.setdefault("allOf", []).extend(spelled_out(c, schema["properties"]) for c in constraints)
+        schema.setdefault("allOf", []).extend(constraints)
     return extra
 
 
-def spelled_out(constraint: dict, properties: dict) -> dict:
-    """The constraint (an anyOf or oneOf of branches) with every field in every branch, with its own schema
-    where the branch does not narrow it: the same set of bodies, but generators that draw a branch
-    (schemathesis) otherwise draw the fields it leaves out unconstrained."""
-    [(kind, branches)] = constraint.items()
-    return {kind: [{**branch, "properties": {**properties, **branch.get("properties", {})}} for branch in branches]}
+def spelled_out(schema: dict) -> None:
+    """Each branch of the schema's cross-field constraints with every field of the schema, in the field's
+    own schema where the branch does not narrow it: the same set of bodies, but generators that draw a
+    branch (schemathesis) otherwise draw the fields it leaves out unconstrained. Done last, on the
+    final properties."""
+    properties = schema["properties"]
+    for constraint in schema.get("allOf", []):
+        [(kind, branches)] = constraint.items()
+        constraint[kind] = [{**branch, "properties": {**properties, **branch.get("properties", {})}}
+                            for branch in branches]
 
 
 def _null(field: str) -> dict:
@@ -152,7 +158,7 @@ class SamplingFields(_Body):
                                       "the negative) of the tokens in the prompt or the output (1: off)")
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS, description="token id -> added to its logit, in [-100, 100]")
-    min_tokens: int = Field(0, ge=0, description="eos and stop_token_ids are not drawn, and stop strings do "
+    min_tokens: int = Field(0, ge=0, le=MAX_COUNT, description="eos and stop_token_ids are not drawn, and stop strings do "
                                                  "not stop, before this many tokens (more than max_tokens: "
                                                  "nothing stops before max_tokens)")
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
@@ -291,6 +297,20 @@ class _OpenAIRequest(SamplingFields):
         None, description="only {\"type\": \"text\"}; json_object and json_schema are refused")
     # the native API's deliberation object (OpenAI clients send it through extra_body)
     deliberation: DeliberationRequest | None = None
+    # vLLM's fields of what is not implemented here
+    guided_json: Annotated[None, _refused("guided_json")] = _not_supported("guided decoding")
+    guided_regex: Annotated[None, _refused("guided_regex")] = _not_supported("guided decoding")
+    guided_choice: Annotated[None, _refused("guided_choice")] = _not_supported("guided decoding")
+    guided_grammar: Annotated[None, _refused("guided_grammar")] = _not_supported("guided decoding")
+    structured_outputs: Annotated[None, _refused("structured_outputs")] = _not_supported("structured outputs")
+    allowed_token_ids: Annotated[None, _refused("allowed_token_ids")] = _not_supported("allowed_token_ids")
+    bad_words: Annotated[None, _refused("bad_words")] = _not_supported("bad_words")
+    prompt_logprobs: Annotated[None, _refused("prompt_logprobs")] = _not_supported("the prompt's logprobs")
+    truncate_prompt_tokens: Annotated[None, _refused("truncate_prompt_tokens")] = _not_supported("prompt truncation")
+    use_beam_search: Annotated[Literal[False] | None, _refused("use_beam_search", (None, False))] = Field(
+        None, description="only false")
+    skip_special_tokens: Annotated[Literal[True] | None, _refused("skip_special_tokens false", (None, True))] = (
+        Field(None, description="only true: special tokens add no text"))
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -438,6 +458,15 @@ class ChatCompletionRequest(_OpenAIRequest):
     prediction: Annotated[None, _refused("prediction")] = _not_supported("predicted outputs")
     reasoning_effort: Annotated[None, _refused("reasoning_effort")] = _not_supported("reasoning models' effort")
     web_search_options: Annotated[None, _refused("web_search_options")] = _not_supported("web search")
+    # vLLM's chat fields: the one template, rendered as it is
+    add_generation_prompt: Annotated[Literal[True] | None, _refused("add_generation_prompt false", (None, True))] = (
+        Field(None, description="only true: the prompt opens the assistant's turn"))
+    continue_final_message: Annotated[Literal[False] | None, _refused("continue_final_message", (None, False))] = (
+        Field(None, description="only false"))
+    echo: Annotated[Literal[False] | None, _refused("echo on chat", (None, False))] = Field(None, description="only false")
+    chat_template: Annotated[None, _refused("chat_template")] = _not_supported("another chat template")
+    chat_template_kwargs: Annotated[None, _refused("chat_template_kwargs")] = _not_supported("template arguments")
+    documents: Annotated[None, _refused("documents")] = _not_supported("documents")
     extra_stops: ClassVar[tuple[str, ...]] = CHAT_STOPS
 
     @field_validator("top_logprobs")

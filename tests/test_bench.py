@@ -56,7 +56,7 @@ def test_engine_section(quick_run):
     assert [b["backbone"] for b in result["backbones"]] == ["reference"]
     runs, traffic = result["backbones"][0]["runs"], result["backbones"][0]["traffic"]
     assert [(r["streams"], r["label"]) for r in runs] == [(1, "greedy"), (16, "greedy"), (64, "greedy"),
-                                                           (64, "temperature 1")]
+                                                           (64, "temperature 1"), (16, "greedy, logprobs 5")]
     for r in runs:
         check_run(r, r["streams"], settings.tokens, settings.warmup_gaps)
     assert result["engine_config"]["max_sessions"] == 64

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from server.metrics import ACCEPTANCE_RATIO_PROMQL, ServerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -37,29 +38,10 @@ PROMETHEUS_SERIES = {"up"}
 # ------------------------------------------------------------------- what the server exports
 
 def exported_metrics_text() -> str:
-    """The Prometheus text the server exports: the single source of metric names for these checks.
-
-    Until the server's metrics module is on main, this is the list of issue 4 registered with
-    prometheus_client (so the suffixes and types are exactly what the library will write). Point
-    it at the server's own registry (`generate_latest(<its registry>)`), or at the text of a live
-    GET /metrics, once that exists; nothing else here needs to change.
-    """
-    registry = CollectorRegistry()
-    Counter("crsm_requests", "requests", ["endpoint", "status"], registry=registry)
-    Counter("crsm_prompt_tokens", "prompt tokens", registry=registry)
-    Counter("crsm_generated_tokens", "generated tokens", registry=registry)
-    Histogram("crsm_time_to_first_token_seconds", "ttft", registry=registry)
-    Histogram("crsm_inter_token_latency_seconds", "itl", registry=registry)
-    Histogram("crsm_request_latency_seconds", "latency", registry=registry)
-    Gauge("crsm_running_sessions", "running", registry=registry)
-    Gauge("crsm_waiting_sessions", "waiting", registry=registry)
-    Counter("crsm_injections", "injections", ["outcome"], registry=registry)
-    Gauge("crsm_injection_acceptance_ratio", "acceptance", registry=registry)
-    Histogram("crsm_planner_lag_tokens", "lag tokens", registry=registry)
-    Histogram("crsm_planner_lag_seconds", "lag seconds", registry=registry)
-    Counter("crsm_planner_simulations", "simulations", registry=registry)
-    Counter("crsm_planner_errors", "planner errors", registry=registry)
-    return generate_latest(registry).decode()
+    """The Prometheus text the server exports (its own registry): the single source of metric names for
+    these checks."""
+    body, _ = ServerMetrics().render()
+    return body.decode()
 
 
 _SERIES_SUFFIXES = {
@@ -174,13 +156,27 @@ def test_dashboard_covers_the_required_views():
     used = {name for _, expr in _dashboard_expressions() for name in promql_metric_names(expr)}
     for required in ("crsm_generated_tokens_total", "crsm_time_to_first_token_seconds_bucket",
                      "crsm_inter_token_latency_seconds_bucket", "crsm_running_sessions",
-                     "crsm_injections_total", "crsm_injection_acceptance_ratio",
+                     "crsm_injections_total",
                      "crsm_planner_lag_tokens_bucket", "crsm_planner_lag_seconds_bucket"):
         assert required in used, required
     board = json.loads(DASHBOARD.read_text())
     outcome_panels = [p for p in board["panels"] for t in p.get("targets", [])
                       if "crsm_injections_total" in t["expr"] and "by (outcome)" in t["expr"]]
     assert outcome_panels, "injections must be shown per outcome"
+
+
+def test_the_acceptance_ratio_is_the_documented_promql_over_counters():
+    """The dashboard's acceptance panels are server/metrics.py's ACCEPTANCE_RATIO_PROMQL, per instance and
+    over Grafana's rate interval (the server exports no ratio gauge: one since start says little)."""
+    board = json.loads(DASHBOARD.read_text())
+    panels = [p for p in board["panels"] if "acceptance" in p["title"].lower()]
+    assert len(panels) == 2
+    for panel in panels:
+        [target] = panel["targets"]
+        expr = (target["expr"].replace('instance=~"$instance",', "").replace('{instance=~"$instance"}', "")
+                .replace("$__rate_interval", "5m").replace("sum by (instance) ", "sum"))
+        assert expr == ACCEPTANCE_RATIO_PROMQL, panel["title"]
+    assert "crsm_injection_acceptance_ratio" not in exported_metrics_text()
 
 
 def test_dashboard_layout_and_datasource():

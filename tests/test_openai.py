@@ -21,7 +21,8 @@ from crsm_core.model import CRSMModel
 from crsm_core.tokenizer import ByteTokenizer
 from crsm_core.value import ValueHeads, ValueHeadsConfig
 from server.chat_template import CHAT_STOPS, render_chat
-from test_server import MODEL, LiveServer, model_dir, one_torch_thread, settings_for  # noqa: F401 (fixtures)
+from server.settings import MAX_LAG, MAX_LATENESS
+from test_server import MODEL, LiveServer, metrics, model_dir, one_torch_thread, settings_for  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,14 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
      "messages.0.tool_calls", "unsupported_parameter"),
     (chat, dict(modalities=["text", "audio"]), "modalities", "unsupported_parameter"),
     (chat, dict(audio={"voice": "alloy", "format": "wav"}), "audio", "unsupported_parameter"),
+    # vLLM's
+    (completion, dict(extra_body={"guided_json": {"type": "object"}}), "guided_json", "unsupported_parameter"),
+    (chat, dict(extra_body={"guided_choice": ["a", "b"]}), "guided_choice", "unsupported_parameter"),
+    (completion, dict(extra_body={"use_beam_search": True}), "use_beam_search", "unsupported_parameter"),
+    (completion, dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs", "unsupported_parameter"),
+    (completion, dict(extra_body={"allowed_token_ids": [1, 2]}), "allowed_token_ids", "unsupported_parameter"),
+    (chat, dict(extra_body={"add_generation_prompt": False}), "add_generation_prompt", "unsupported_parameter"),
+    (chat, dict(extra_body={"chat_template": "{{ messages }}"}), "chat_template", "unsupported_parameter"),
 ])
 def test_what_is_not_implemented_is_refused_naming_the_field(client, call, fields, param, code):
     with pytest.raises(openai.BadRequestError) as refused:
@@ -90,10 +99,19 @@ def test_what_is_not_implemented_is_refused_naming_the_field(client, call, field
     assert param.rsplit(".", 1)[-1].split("_")[0] in error.body["message"]
 
 
+@pytest.mark.parametrize("field", ["top_k", "min_tokens"])
+def test_counts_beyond_the_devices_integers_are_refused(client, field):
+    # (a top_k of 7e24 used to leave its session waiting for ever: the sampler's int64 could not hold it)
+    with pytest.raises(openai.BadRequestError) as refused:
+        completion(client, extra_body={field: 7095998033949438729256960})
+    assert (refused.value.param, refused.value.code) == (field, "less_than_equal")
+
+
 def test_what_is_neutral_is_accepted(client):
     """The same fields at the values that ask for nothing are served."""
     assert completion(client, best_of=1, extra_body={"response_format": {"type": "text"}}).choices
     answer = chat(client, tools=[TOOL], tool_choice="none", response_format={"type": "text"}, modalities=["text"],
+                  extra_body={"add_generation_prompt": True, "skip_special_tokens": True, "use_beam_search": False},
                   messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert answer.choices[0].message.role == "assistant"
 
@@ -442,6 +460,23 @@ def test_chat_logprobs_are_the_models(client, live, backbone):
     with pytest.raises(openai.BadRequestError) as refused:
         completion(client, logprobs=2, echo=True)
     assert (refused.value.param, refused.value.code) == ("logprobs", "unsupported_parameter")
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+
+def test_the_schema_and_the_docs_are_counted_under_their_routes(live):
+    for path in ("/openapi.json", "/docs", "/version"):
+        assert httpx.get(live.url + path).status_code == 200
+    counted = {labels for name, labels in metrics(live.url) if name == "crsm_requests_total"}
+    for path in ("/openapi.json", "/docs", "/version"):
+        assert (("endpoint", path), ("status", "200")) in counted
+
+
+def test_the_planner_lag_buckets_reach_past_the_latest_plan(live):
+    # a plan resolves at most its lead (MAX_LAG) plus max_lag (MAX_LATENESS) plus one positions late
+    bounds = sorted(float(dict(labels)["le"]) for name, labels in metrics(live.url)
+                    if name == "crsm_planner_lag_tokens_bucket")
+    assert bounds[-1] == float("inf") and bounds[-2] > MAX_LAG + MAX_LATENESS + 1
 
 
 def test_the_version_of_a_checkout_that_is_not_installed(monkeypatch):

@@ -429,7 +429,7 @@ METRIC_NAMES = [
     "crsm_requests_total", "crsm_prompt_tokens_total", "crsm_generated_tokens_total",
     "crsm_time_to_first_token_seconds_bucket", "crsm_inter_token_latency_seconds_bucket",
     "crsm_request_latency_seconds_bucket", "crsm_running_sessions", "crsm_waiting_sessions",
-    "crsm_planner_tasks", "crsm_injection_acceptance_ratio", "crsm_planner_lag_tokens_bucket",
+    "crsm_planner_tasks", "crsm_planner_lag_tokens_bucket",
     "crsm_planner_lag_seconds_bucket", "crsm_planner_simulations_total", "crsm_planner_errors_total",
 ]
 

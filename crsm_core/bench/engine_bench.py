@@ -2,7 +2,8 @@
 `settings.backbones` in turn (same weights), with the bandwidth each step uses.
 
 Each session streams `tokens` tokens after a short random prompt (ignore_eos, so every session runs to
-its length). Token timestamps are the engine's own (`Session.token_times`, taken in the generator
+its length). Greedy at each concurrency, sampled at the largest, and greedy with logprobs (5
+alternatives a token) at the middle one, beside its run without. Token timestamps are the engine's own (`Session.token_times`, taken in the generator
 thread when the token is chosen), so the numbers are the engine's, not the event loop's. Bandwidth:
 bench/bandwidth.py, against a device-to-device copy measured at the start of the section.
 """
@@ -29,6 +30,7 @@ from .workload import Workload
 log = logging.getLogger(__name__)
 
 GREEDY = SamplingParams(temperature=0.0)
+LOGPROBS = 5
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,16 @@ def engine_config(settings: BenchSettings, planner_mode: str = "stream") -> Engi
 
 
 def requests_for(workload: Workload, n: int, tokens: int, sampling: SamplingParams, salt: int,
-                 deliberation: DeliberationConfig | None = None) -> list[GenerationRequest]:
-    """n sessions of `tokens` tokens each; sampled sessions get seeds of their own (reproducible)."""
+                 deliberation: DeliberationConfig | None = None, logprobs: int | None = None) -> list[GenerationRequest]:
+    """n sessions of `tokens` tokens each; sampled sessions get seeds of their own (reproducible);
+    `logprobs`: each token's logprob and that many alternatives."""
     requests = []
     for i, prompt in enumerate(workload.prompts(n, salt=salt)):
         params = sampling if sampling.greedy else SamplingParams(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             seed=workload.settings.seed + salt * 1000 + i)
-        requests.append(GenerationRequest(prompt, tokens, params, ignore_eos=True, deliberation=deliberation))
+        requests.append(GenerationRequest(prompt, tokens, params, ignore_eos=True, deliberation=deliberation,
+                                          logprobs=logprobs))
     return requests
 
 
@@ -108,10 +112,14 @@ async def backbone_runs(workload: Workload, model: MambaLM, impl: str, copy_gb_p
     try:
         log.info("engine (%s): warm-up", impl)
         await warm_up(engine, workload)
-        plan = [(n, "greedy", GREEDY) for n in s.concurrency] + \
-               [(max(s.concurrency), "temperature 1", SamplingParams(temperature=1.0))]
-        for salt, (n, label, sampling) in enumerate(plan):
-            measured = await run_sessions(engine, requests_for(workload, n, s.tokens, sampling, salt=salt))
+        # logprobs' cost: the same greedy sessions at the middle concurrency, with 5 alternatives a token
+        middle = sorted(s.concurrency)[len(s.concurrency) // 2]
+        plan = [(n, "greedy", GREEDY, None) for n in s.concurrency] + \
+               [(max(s.concurrency), "temperature 1", SamplingParams(temperature=1.0), None),
+                (middle, f"greedy, logprobs {LOGPROBS}", GREEDY, LOGPROBS)]
+        for salt, (n, label, sampling, logprobs) in enumerate(plan):
+            measured = await run_sessions(engine, requests_for(workload, n, s.tokens, sampling, salt=salt,
+                                                               logprobs=logprobs))
             run = stream_run(label, measured, s.warmup_gaps)
             log.info("engine (%s): %d sessions, %s: ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", impl, n, label,
                      run.itl.p50_ms, run.itl.p99_ms, run.tokens_per_s)
