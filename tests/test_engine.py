@@ -236,6 +236,23 @@ class PoisonedPrefill(MambaLM):
         return super().prefill(ids, state)
 
 
+async def check_only_the_failing_ended(model, running, running_events, prompts, sessions, failing):
+    """The sessions at the indices `failing` ended with an internal error and no tokens; the others (and
+    the one already decoding meanwhile) finished with exactly their solo tokens."""
+    for i, (prompt, session) in enumerate(zip(prompts, sessions)):
+        final = [e async for e in session.stream()][-1]
+        if i in failing:
+            assert isinstance(final, ErrorEvent) and final.code == "internal_error", final
+            assert session.tokens == []
+        else:
+            assert isinstance(final, DoneEvent) and final.finish_reason == "length", final
+            ids = prompt if isinstance(prompt, list) else TOKENIZER.encode(prompt)
+            assert session.tokens == reference_generate(model, ids, 12, SamplingParams(seed=i))
+    assert isinstance([e async for e in running_events][-1], DoneEvent)
+    assert running.tokens == reference_generate(model, TOKENIZER.encode("already streaming"), 30,
+                                                SamplingParams(seed=1))
+
+
 async def test_a_failing_prefill_ends_only_its_session(model):
     poisoned = PoisonedPrefill(model.config).eval()
     poisoned.load_state_dict(model.state_dict())
@@ -248,19 +265,9 @@ async def test_a_failing_prefill_ends_only_its_session(model):
         specs = [("before", False), ([POISON, 1, 2], True), ("after it", False), ([1, 2, 3, 4, POISON], True)]
         sessions = engine.submit_all([request(prompt, 12, seed=i, ignore_eos=True)
                                       for i, (prompt, _) in enumerate(specs)])
-        for i, ((prompt, fails), session) in enumerate(zip(specs, sessions)):
-            final = [e async for e in session.stream()][-1]
-            if fails:
-                assert isinstance(final, ErrorEvent) and final.code == "internal_error", final
-                assert session.tokens == []
-            else:
-                assert isinstance(final, DoneEvent) and final.finish_reason == "length", final
-                assert session.tokens == reference_generate(model, TOKENIZER.encode(prompt), 12,
-                                                            SamplingParams(seed=i))
         # the session that was decoding meanwhile is untouched, and the engine goes on serving
-        assert isinstance([e async for e in running_events][-1], DoneEvent)
-        assert running.tokens == reference_generate(model, TOKENIZER.encode("already streaming"), 30,
-                                                    SamplingParams(seed=1))
+        await check_only_the_failing_ended(model, running, running_events, [p for p, _ in specs], sessions,
+                                           {i for i, (_, fails) in enumerate(specs) if fails})
         assert (await engine.submit(request("later", 5, ignore_eos=True)).collect()).done.usage.completion_tokens == 5
         assert engine.num_active == 0 and engine.num_waiting == 0
     finally:
@@ -287,18 +294,7 @@ async def test_a_session_failing_as_it_starts_ends_alone(model):
         sessions = engine.submit_all([request(p, 12, seed=i, ignore_eos=True,
                                               deliberation=DeliberationConfig() if i == 1 else None)
                                       for i, p in enumerate(specs)])
-        for i, (prompt, session) in enumerate(zip(specs, sessions)):
-            final = [e async for e in session.stream()][-1]
-            if i == 1:
-                assert isinstance(final, ErrorEvent) and final.code == "internal_error", final
-                assert session.tokens == []
-            else:
-                assert isinstance(final, DoneEvent) and final.finish_reason == "length", final
-                assert session.tokens == reference_generate(model, TOKENIZER.encode(prompt), 12,
-                                                            SamplingParams(seed=i))
-        assert isinstance([e async for e in running_events][-1], DoneEvent)
-        assert running.tokens == reference_generate(model, TOKENIZER.encode("already streaming"), 30,
-                                                    SamplingParams(seed=1))
+        await check_only_the_failing_ended(model, running, running_events, specs, sessions, {1})
         assert engine.num_active == engine.num_waiting == engine.num_planners == 0
     finally:
         await engine.shutdown()
