@@ -250,6 +250,23 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         detail.find_element(By.XPATH, ".//button[contains(., 'mystery')]").click()
         assert detail.get_attribute("data-outcome") == "mystery" and "mystery" in detail.text
 
+        # two plans landed on one token, the first changing nothing: the token is the planner's, and shows
+        # and opens the one that suggested it (the CI failure of stop 19: the first landed one was shown)
+        driver.execute_script("""
+            main.reset("p");
+            main.token({text: "a", token_id: 97, position: 1});
+            main.injection({position: 1, target_position: 1, outcome: "applied", effect: "none", alpha: [],
+                            lateness: 0, action: 120});
+            main.injection({position: 1, target_position: 1, outcome: "applied", effect: "suggested", alpha: [],
+                            lateness: 0, action: 97});
+            main.finish();""")
+        token = driver.find_element(By.CSS_SELECTOR, "#run-main .text > .tok[data-position='1']")
+        assert token.get_attribute("data-effect") == "suggested"
+        token.click()
+        facts = dict(zip([e.text for e in detail.find_elements(By.CSS_SELECTOR, ".facts dt")],
+                         [e.text for e in detail.find_elements(By.CSS_SELECTOR, ".facts dd")]))
+        assert facts["effect"] == "suggested"
+
         # the key went with every API call made after it was typed, and the page keeps it in this tab only
         sent = requests_sent(driver)
         generate = [h for path, h in sent if path == "/v1/generate"]

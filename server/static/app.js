@@ -150,7 +150,7 @@ class RunView {
     else this.pending.set(event.target_position, [...(this.pending.get(event.target_position) || []), event]);
   }
 
-  // a token's colour is its most telling plan: one that landed, else the last one resolved for it
+  // a token's colour is its most telling plan (leadEvent)
   mark(node, event) {
     node.classList.add("marked");
     let pins = $(".pins", node);
@@ -158,7 +158,7 @@ class RunView {
     pins.append(el("span", {class: "inj", "data-outcome": event.outcome, "data-target": event.target_position,
                             style: `--c: ${outcomeColor(event.outcome)}`}));
     const events = this.eventsAt(node);
-    const lead = events.find((e) => LANDED.has(e.outcome)) || events[events.length - 1];
+    const lead = leadEvent(events);
     node.style.setProperty("--c", outcomeColor(lead.outcome));
     node.classList.toggle("landed", LANDED.has(lead.outcome));
     node.dataset.outcome = lead.outcome;
@@ -377,13 +377,22 @@ function renderCounters(view) {
   target.replaceChildren(ratio, rows.length ? el("dl", {class: "counter-list"}, ...rows) : null);
 }
 
+// a token's most telling plan: one that put the planner's token there, else one that landed, else the
+// last one resolved for it (several plans can target one position)
+function leadEvent(events) {
+  return events.find((e) => LANDED.has(e.outcome) && e.effect === "suggested")
+      || events.find((e) => LANDED.has(e.outcome)) || events[events.length - 1];
+}
+
 // ---- the plan detail ----------------------------------------------------------------------------
 
 const DETAIL_FIRST = ["outcome", "effect", "target_position", "position", "state_position", "captured_position",
                       "lateness", "action", "action_text", "value", "alpha", "reason", "latency_s"];
 
-function renderDetail(view, node, index = 0) {
+// the detail opens on the plan that landed on the token, if one did, else on its first plan
+function renderDetail(view, node, index = null) {
   const events = view.eventsAt(node);
+  index ??= Math.max(0, events.findIndex((e) => e === leadEvent(events) && LANDED.has(e.outcome)));
   const detail = $("#detail");
   for (const selected of document.querySelectorAll(".tok.selected")) selected.classList.remove("selected");
   if (!events.length) { detail.hidden = true; return; }
