@@ -150,6 +150,8 @@ class ServerSettings(BaseModel):
     """seconds running sessions get to finish on shutdown"""
     torch_threads: int | None = Field(None, ge=1)
     """CPU threads for model work (default: torch's)"""
+    engine_process: bool = False
+    """run the engine (scheduler, model, planners) in a process of its own, so that HTTP work never shares its interpreter (crsm_core/engine_core.py)"""
     ui: bool = True
     """serve the deliberation viewer at /ui/ and redirect / to it (server/ui.py)"""
     engine: Annotated[EngineConfig, Group()] = EngineConfig()
