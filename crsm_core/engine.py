@@ -25,8 +25,13 @@ that session alone with an ErrorEvent; a batched prefill that raises is retried 
 
 Positions follow the project convention: position t = tokens consumed so far. The token chosen at
 position t is sampled from the logits produced by the step that consumed token t-1 (or by the
-prefill); the decode step then consumes it. Events go to each session's asyncio.Queue through
-`loop.call_soon_threadsafe`; the event loop never runs model code.
+prefill); the decode step then consumes it.
+
+Events leave the generator once per iteration, all of them in one batch, through the engine's
+`EventSink`: in one process (`LoopSink`) one `loop.call_soon_threadsafe` per iteration puts them on
+the sessions' asyncio queues (not one per token per session: each wakes the event loop and takes the
+GIL); in the engine core process (engine_core.py) one message per iteration crosses to the front end.
+The event loop never runs model code.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from .deliberation import DeliberationConfig, SessionDeliberator
 from .engine_config import EngineConfig
 from .injection import catch_up
 from .planner.runtime import PlanCancelled, PlannerRuntime, TokenLog, resolve_planner_mode
+from .planner.search import PlannerConfig
 from .sampling import SamplingParams, SamplingTable
 from .state import RecurrentState
 from .stopping import StopMatcher
@@ -71,7 +77,10 @@ class QueueFull(RuntimeError):
 
     def __init__(self, waiting: int, retry_after_s: int):
         super().__init__(f"the server is busy: {waiting} requests are already waiting")
-        self.retry_after_s = retry_after_s
+        self.waiting, self.retry_after_s = waiting, retry_after_s
+
+    def __reduce__(self):   # the engine core sends its refusals to the front end pickled
+        return type(self), (self.waiting, self.retry_after_s)
 
 
 class EngineClosed(RuntimeError):
@@ -85,6 +94,9 @@ class RequestError(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):
+        return type(self), (str(self), self.param)
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -97,6 +109,13 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()   # tokens that end the session as eos does (and add no text)
     include_stop_str_in_output: bool = False   # the matched stop string ends the text instead of being cut
     logprobs: int | None = None   # each token's log-probability and this many top alternatives; None: none
+
+
+@dataclass(frozen=True)
+class PlannerLimits:
+    """What deliberating requests may ask of an engine's planner (the server's schema states them)."""
+    max_simulations: int           # the most simulations per plan whose node pool fits (0: none)
+    verifiers: tuple[str, ...]     # the checkers a request may name
 
 
 # ---- events handed to the session's queue -------------------------------------------------------------
@@ -137,6 +156,9 @@ class DoneEvent:
     usage: Usage
     timings: Timings
     deliberation: dict | None     # the deliberator's counters, when deliberation ran
+    # a cancelled session: decode steps the engine ran between the cancellation and the slot's release
+    # (at most 1: the step in flight when it came)
+    steps_after_cancel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,15 +172,52 @@ class ErrorEvent:
 DeliberatorFactory = Callable[["Session"], SessionDeliberator]
 
 
+@dataclass(frozen=True)
+class SessionRecord:
+    """What metrics keep of a finished session (plain data: it crosses to the front end's process)."""
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
+    inter_token_s: tuple[float, ...]     # the gaps between consecutive tokens
+    simulations: int = 0                 # of its planner, when it deliberated
+    planner_failures: int = 0
+
+
 class EngineListener(Protocol):
-    """Observes sessions for metrics. Called from the generator thread or the event loop."""
+    """Observes sessions for metrics. Called from the generator thread (or, with the engine in its own
+    process, from the front end's channel reader)."""
 
     def injection(self, event: object) -> None: ...
 
     def planner_error(self) -> None: ...
 
-    def session_ended(self, session: "Session") -> None:
+    def session_ended(self, record: SessionRecord) -> None:
         """Before the session's final event is sent."""
+
+
+class EventSink(Protocol):
+    """Where the generator hands its events: one call per iteration, in order."""
+
+    def deliver(self, batch: list[tuple["Session", object]]) -> None: ...
+
+
+class LoopSink:
+    """Events to each session's asyncio queue: one `call_soon_threadsafe` per event loop per batch."""
+
+    def deliver(self, batch: list[tuple["Session", object]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Session, object]]] = {}
+        for session, event in batch:
+            by_loop.setdefault(session.loop, []).append((session, event))
+        for loop, items in by_loop.items():
+            if loop.is_closed():
+                log.warning("event loop closed; dropping %d events", len(items))
+                continue
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple["SessionStream", object]]) -> None:
+    for session, event in items:
+        session.events.put_nowait(event)
 
 
 class SessionStatus(enum.Enum):
@@ -185,14 +244,51 @@ class GenerationFailed(RuntimeError):
         self.event = event
 
 
-class Session:
-    """One generation. Created by `Engine.submit`; read with `stream()` or `collect()` on the event loop."""
+class SessionStream:
+    """A session as its client reads it, on the event loop: its events in order (`stream`, `collect`),
+    and `cancel`. `Session` is the engine's own; engine_core.RemoteSession the front end's, in another
+    process than the engine."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, engine: "Engine",
-                 tokenizer: Tokenizer):
-        self.id = uuid.uuid4().hex
-        self.request = request
+    def __init__(self, session_id: str):
+        self.id = session_id
         self.events: asyncio.Queue = asyncio.Queue()
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+    async def stream(self) -> AsyncIterator[TokenEvent | DoneEvent | ErrorEvent | object]:
+        """Every event, ending with exactly one DoneEvent or ErrorEvent."""
+        while True:
+            event = await self.events.get()
+            yield event
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                return
+
+    async def collect(self) -> Completion:
+        tokens: list[TokenEvent] = []
+        injections: list = []
+        async for event in self.stream():
+            if isinstance(event, TokenEvent):
+                tokens.append(event)
+            elif isinstance(event, DoneEvent):
+                return Completion("".join(t.text for t in tokens), [t.token_id for t in tokens], injections, event,
+                                  tokens)
+            elif isinstance(event, ErrorEvent):
+                raise GenerationFailed(event)
+            else:
+                injections.append(event)
+        raise AssertionError("unreachable: stream() ends with a final event")
+
+
+class Session(SessionStream):
+    """One generation, as the engine runs it. Created by `Engine.submit` (its events go to `loop`) or by
+    the engine core (`loop` None: its events go to the front end's process)."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None, engine: "Engine",
+                 tokenizer: Tokenizer, session_id: str | None = None):
+        super().__init__(session_id or uuid.uuid4().hex)
+        self.request = request
+        self.loop = loop
         self.status = SessionStatus.WAITING
         self.row: int | None = None
         self.tokens: list[int] = []                       # generated
@@ -208,7 +304,7 @@ class Session:
         self.parked: tuple[RecurrentState, torch.Tensor, float] | None = None   # (state, logits [V], since)
         self.seed = request.sampling.resolved_seed()
         self._cancel_requested = False
-        self._loop = loop
+        self._cancelled_at_step: int | None = None   # the engine's decode_steps when cancel() came
         self._engine = engine
         # generator-thread state
         self._prefilled = 0
@@ -226,31 +322,10 @@ class Session:
 
     def cancel(self) -> None:
         """Leave the batch before the next step (thread-safe; no effect once finished)."""
-        if self.status is not SessionStatus.FINISHED:
+        if self.status is not SessionStatus.FINISHED and not self._cancel_requested:
+            self._cancelled_at_step = self._engine.decode_steps
             self._cancel_requested = True
             self._engine._wake()
-
-    async def stream(self) -> AsyncIterator[TokenEvent | DoneEvent | ErrorEvent | object]:
-        """Every event, ending with exactly one DoneEvent or ErrorEvent."""
-        while True:
-            event = await self.events.get()
-            yield event
-            if isinstance(event, (DoneEvent, ErrorEvent)):
-                return
-
-    async def collect(self) -> Completion:
-        tokens: list[TokenEvent] = []
-        injections: list = []
-        async for event in self.stream():
-            if isinstance(event, TokenEvent):
-                tokens.append(event)
-            elif isinstance(event, DoneEvent):
-                return Completion("".join(t.text for t in tokens), list(self.tokens), injections, event, tokens)
-            elif isinstance(event, ErrorEvent):
-                raise GenerationFailed(event)
-            else:
-                injections.append(event)
-        raise AssertionError("unreachable: stream() ends with a final event")
 
     def timings(self) -> Timings:
         end = self.finished_at or time.perf_counter()
@@ -268,12 +343,15 @@ class Session:
     def inter_token_latencies(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
+    def record(self) -> SessionRecord:
+        counters = self.deliberator.counters() if self.deliberator is not None else {}
+        return SessionRecord(self.prompt_tokens, len(self.tokens), self.timings().ttft_s,
+                             tuple(self.inter_token_latencies()), counters.get("simulations", 0),
+                             counters.get("failed", 0))
+
     def _emit(self, event: object) -> None:
-        """From the generator thread: hand an event to the session's loop."""
-        if self._loop.is_closed():
-            log.warning("session %s: event loop closed; dropping %s", self.id, type(event).__name__)
-            return
-        self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """From the generator thread: the event leaves with this iteration's batch (`Engine._flush`)."""
+        self._engine._outbox.append((self, event))
 
 
 @dataclass
@@ -289,10 +367,32 @@ class _Ride:
         return self.tokens.shape[0]
 
 
+class ServingEngine(Protocol):
+    """What the server drives: an `Engine` in its own process, or the client of one in a process of its
+    own (engine_core.EngineCoreClient)."""
+    tokenizer: Tokenizer
+    vocab_size: int
+
+    @property
+    def num_active(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def num_planners(self) -> int: ...
+
+    async def open(self, requests: list[GenerationRequest]) -> list[SessionStream]: ...
+
+    def planner_limits(self, base: PlannerConfig, max_simulations: int) -> PlannerLimits | None: ...
+
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None: ...
+
+
 class Engine:
     def __init__(self, model: MambaLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
                  deliberator_factory: DeliberatorFactory | None = None,
-                 listener: EngineListener | None = None):
+                 listener: EngineListener | None = None, sink: EventSink | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -300,6 +400,8 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self._deliberator_factory = deliberator_factory
         self._listener = listener
+        self._sink = sink or LoopSink()
+        self._outbox: list[tuple[Session, object]] = []   # generator thread only: this iteration's events
         self._planner_runtime: PlannerRuntime | None = None   # owned (closed at shutdown) when set
         self.planner_mode = resolve_planner_mode(config.planner_mode, self.device)
         n = config.max_sessions
@@ -336,12 +438,12 @@ class Engine:
 
     @classmethod
     def for_model(cls, model: "CRSMModel", config: EngineConfig = EngineConfig(),
-                  listener: EngineListener | None = None) -> "Engine":
+                  listener: EngineListener | None = None, sink: EventSink | None = None) -> "Engine":
         """The engine of a loaded model: its backbone and tokenizer, and a planner per deliberating
         session on a planner runtime of the engine's own (`planner_mode`)."""
         if model.tokenizer is None:
             raise ValueError("the engine needs a model with a tokenizer")
-        engine = cls(model.backbone, model.tokenizer, config, listener=listener)
+        engine = cls(model.backbone, model.tokenizer, config, listener=listener, sink=sink)
         ride = engine.ride_step if engine.planner_mode == "ride" else None
         runtime = model.planner_runtime(engine.planner_mode, ride=ride)
         engine._planner_runtime = runtime
@@ -373,6 +475,16 @@ class Engine:
     def num_planners(self) -> int:
         """Deliberators created and not yet closed."""
         return self._open_planners
+
+    def planner_limits(self, base: PlannerConfig, max_simulations: int) -> PlannerLimits | None:
+        """What deliberating requests may ask of this engine's planner (None: it has none), for plans
+        like `base`: the most simulations up to `max_simulations` whose node pool fits."""
+        runtime = self._planner_runtime
+        if runtime is None:
+            return None
+        fits = [n for n in range(1, max_simulations + 1)
+                if runtime.roots_that_fit(dataclasses.replace(base, n_simulations=n)) >= 1]
+        return PlannerLimits(max(fits, default=0), tuple(sorted(runtime.verifiers)))
 
     def validate(self, request: GenerationRequest) -> None:
         c = self.config
@@ -411,9 +523,20 @@ class Engine:
         return self.submit_all([request])[0]
 
     def submit_all(self, requests: list[GenerationRequest]) -> list[Session]:
-        """Queue the sessions of one request, all or none. Call from the event loop. Raises RequestError
-        (a request that could never be queued whole too: it is not worth retrying), QueueFull,
-        EngineClosed."""
+        """Queue the sessions of one request, all or none. Call from the event loop: the sessions' events
+        come to it. Raises RequestError (a request that could never be queued whole too: it is not worth
+        retrying), QueueFull, EngineClosed."""
+        return self.enqueue(requests, asyncio.get_running_loop())
+
+    async def open(self, requests: list[GenerationRequest]) -> list[Session]:
+        """`submit_all`, as the server opens sessions of either engine: this one, or the one in a process
+        of its own (engine_core.EngineCoreClient.open, a round trip)."""
+        return self.submit_all(requests)
+
+    def enqueue(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop | None,
+                session_ids: list[str] | None = None) -> list[Session]:
+        """`submit_all` from any thread; the events go to `loop`, or with None to the engine's sink alone
+        (the engine core process), under the given ids."""
         c = self.config
         if len(requests) > min(c.max_request_sessions, c.queue_size):
             limit = (f"a request may start at most {c.max_request_sessions} sessions (n x prompts)"
@@ -421,8 +544,8 @@ class Engine:
             raise RequestError(f"{limit}; this one asks for {len(requests)}", "n")
         for request in requests:
             self.validate(request)
-        loop = asyncio.get_running_loop()
-        sessions = [Session(r, loop, self, self.tokenizer) for r in requests]
+        ids = session_ids or [None] * len(requests)
+        sessions = [Session(r, loop, self, self.tokenizer, i) for r, i in zip(requests, ids)]
         with self._cond:
             if not self._accepting:
                 raise EngineClosed("the server is shutting down")
@@ -433,15 +556,18 @@ class Engine:
         return sessions
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
-        """Take no new sessions; let the queued and running ones finish for up to drain_timeout_s; end the
-        rest with an ErrorEvent; stop the generator thread, wait for the planners to close, and stop the
-        planner runtime."""
+        """`stop`, off the event loop."""
+        await asyncio.to_thread(self.stop, drain_timeout_s)
+
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Take no new sessions; let the queued and running ones finish for up to drain_timeout_s; then
+        `close` (any thread but the generator's)."""
         with self._cond:
             self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
         while (self.num_waiting or self.num_active) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        await asyncio.to_thread(self.close)
+            time.sleep(0.01)
+        self.close()
 
     def close(self) -> None:
         """Stop now (any thread but the generator's): every session still open ends with an ErrorEvent (its
@@ -534,6 +660,7 @@ class Engine:
                     log.exception("decode step failed; ending the %d sessions of the batch", len(self._running))
                     for session in list(self._running):
                         self._end(session, error=ErrorEvent("internal error during generation", "internal_error"))
+                self._flush()
             with self._cond:
                 leftovers = list(self._waiting)
                 self._waiting.clear()
@@ -543,7 +670,14 @@ class Engine:
                 ride.future.set_exception(PlanCancelled("the engine has stopped"))
             for session in leftovers + list(self._prefilling) + list(self._running) + list(self._parked):
                 self._end(session, error=ErrorEvent("the server is shutting down", "shutdown"))
+            self._flush()
         log.info("generator stopped")
+
+    def _flush(self) -> None:
+        """This iteration's events, in one batch (the module docstring says why)."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self._sink.deliver(batch)
 
     def _admittable(self) -> bool:
         """Waiting sessions that admission would act on: a free slot, or a cancellation to end."""
@@ -903,7 +1037,10 @@ class Engine:
         session.status = SessionStatus.FINISHED
         session.finished_at = time.perf_counter()
         session.finish_reason = reason if error is None else "error"
-        final = error or DoneEvent(reason, Usage(session.prompt_tokens, len(session.tokens)), session.timings(), None)
+        after_cancel = None if reason != "cancelled" or session._cancelled_at_step is None else \
+            self.decode_steps - session._cancelled_at_step
+        final = error or DoneEvent(reason, Usage(session.prompt_tokens, len(session.tokens)), session.timings(), None,
+                                   after_cancel)
         if session.deliberator is not None:
             try:
                 for event in session.deliberator.close(len(session.sequence)):
@@ -918,7 +1055,7 @@ class Engine:
 
     def _finish(self, session: Session, final: DoneEvent | ErrorEvent) -> None:
         if self._listener is not None:  # before the final event: a client that has it sees the metrics
-            self._listener.session_ended(session)
+            self._listener.session_ended(session.record())
         session._emit(final)
 
     def _injection(self, session: Session, event: object) -> None:

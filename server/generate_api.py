@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, Session, TokenEvent
+from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, SessionStream, TokenEvent
 from crsm_core.injection import InjectionEvent
 from crsm_core.tokenizer import Tokenizer
 
@@ -58,7 +58,7 @@ async def generate(body: GenerateRequest, request: Request):
     ids = body.token_ids if body.token_ids is not None else (await runtime.encode([body.prompt]))[0]
     gen = body.to_generation_request(ids, runtime.defaults)
     param_names = {"prompt": "token_ids"} if body.token_ids is not None else {"token_ids": "prompt"}
-    [session] = runtime.submit([gen], param_names)
+    [session] = await runtime.submit([gen], param_names)
     if body.stream:
         return sse_response(_events(session, tokenizer))
     try:
@@ -73,7 +73,7 @@ async def generate(body: GenerateRequest, request: Request):
         deliberation=completion.done.deliberation)
 
 
-async def _events(session: Session, tokenizer: Tokenizer) -> AsyncIterator[str]:
+async def _events(session: SessionStream, tokenizer: Tokenizer) -> AsyncIterator[str]:
     try:
         async for event in session.stream():
             if isinstance(event, TokenEvent):

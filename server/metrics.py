@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crsm_core.engine import Engine, Session
+from crsm_core.engine import ServingEngine, SessionRecord
 from crsm_core.injection import Effect, InjectionEvent, InjectionOutcome
 
 # Decoding is millisecond-scale: fine buckets from 0.5 ms, coarse ones up to whole requests.
@@ -96,9 +96,9 @@ class ServerMetrics:
             self.effects.labels(effect.value)
         self._lock = threading.Lock()
         self._resolved = self._accepted = self._generated = self._lag_tokens = 0
-        self._engine: Engine | None = None
+        self._engine: ServingEngine | None = None
 
-    def bind(self, engine: Engine) -> None:
+    def bind(self, engine: ServingEngine) -> None:
         """Read the live gauges from the engine at scrape time."""
         self._engine = engine
         self.running.set_function(lambda: engine.num_active)
@@ -122,20 +122,17 @@ class ServerMetrics:
         """A planner call in the generator failed (the session went on without its planner)."""
         self.planner_errors.inc()
 
-    def session_ended(self, session: Session) -> None:
-        self.prompt_tokens.inc(session.prompt_tokens)
-        self.generated_tokens.inc(len(session.tokens))
+    def session_ended(self, record: SessionRecord) -> None:
+        self.prompt_tokens.inc(record.prompt_tokens)
+        self.generated_tokens.inc(record.completion_tokens)
         with self._lock:
-            self._generated += len(session.tokens)
-        ttft = session.timings().ttft_s
-        if ttft is not None:
-            self.ttft.observe(ttft)
-        for gap in session.inter_token_latencies():
+            self._generated += record.completion_tokens
+        if record.ttft_s is not None:
+            self.ttft.observe(record.ttft_s)
+        for gap in record.inter_token_s:
             self.itl.observe(gap)
-        if session.deliberator is not None:
-            counters = session.deliberator.counters()
-            self.planner_errors.inc(counters["failed"])
-            self.planner_simulations.inc(counters["simulations"])
+        self.planner_errors.inc(record.planner_failures)
+        self.planner_simulations.inc(record.simulations)
 
     def totals(self) -> Totals:
         engine = self._engine

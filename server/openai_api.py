@@ -15,7 +15,7 @@ from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 
-from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, Session, TokenEvent
+from crsm_core.engine import Completion, DoneEvent, ErrorEvent, GenerationFailed, SessionStream, TokenEvent
 from crsm_core.tokenizer import Tokenizer
 
 from .chat_template import render_chat
@@ -82,10 +82,10 @@ async def version() -> VersionResponse:
     return VersionResponse(version=SERVER_VERSION)
 
 
-def _submit(runtime: Runtime, body: _OpenAIRequest, prompts: list[list[int]]) -> list[Session]:
+async def _submit(runtime: Runtime, body: _OpenAIRequest, prompts: list[list[int]]) -> list[SessionStream]:
     defaults = runtime.defaults
     requests = [body.to_generation_request(ids, defaults, choice=j) for ids in prompts for j in range(body.n)]
-    return runtime.submit(requests, PARAM_NAMES)
+    return await runtime.submit(requests, PARAM_NAMES)
 
 
 def _usage(prompts: list[list[int]], completions_tokens: int) -> Usage:
@@ -94,7 +94,7 @@ def _usage(prompts: list[list[int]], completions_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completions_tokens)
 
 
-async def _collect(request: Request, sessions: list[Session]) -> list[Completion]:
+async def _collect(request: Request, sessions: list[SessionStream]) -> list[Completion]:
     async def all_of() -> list[Completion]:
         return [await s.collect() for s in sessions]
 
@@ -104,7 +104,7 @@ async def _collect(request: Request, sessions: list[Session]) -> list[Completion
         raise failure(e) from e
 
 
-async def _stream(sessions: list[Session], prompts: list[list[int]], include_usage: bool,
+async def _stream(sessions: list[SessionStream], prompts: list[list[int]], include_usage: bool,
                   chunk: Callable[[int, str | None, str | None, list[TokenEvent]], str], opening: list[str],
                   usage_chunk: Callable[[Usage], str]) -> AsyncIterator[str]:
     """chunk(index, text or None, finish_reason, the tokens it carries) -> SSE message; opening: messages
@@ -193,7 +193,7 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         prompts = [list(p) for p in raw]
     echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
-    sessions = _submit(runtime, body, prompts)
+    sessions = await _submit(runtime, body, prompts)
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
 
     wants_logprobs = body.logprobs is not None
@@ -232,7 +232,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     runtime.check_model(body.model)
     _, tokenizer = runtime.require_engine()
     prompts = await runtime.encode([render_chat([(m.role, m.text()) for m in body.messages])])
-    sessions = _submit(runtime, body, prompts)
+    sessions = await _submit(runtime, body, prompts)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), runtime.model_name
     wants_logprobs = body.logprob_alternatives() is not None
 

@@ -9,16 +9,16 @@ planner's memory) are filled in then, and the schema is kept from that moment on
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from crsm_core.engine import PlannerLimits
+
 from .runtime import Runtime
 from .schemas import MAX_STOPS, spelled_out
-from .settings import MAX_SIMULATIONS
 
 
 class ErrorDetail(BaseModel):
@@ -162,23 +162,19 @@ def _limits(schema: dict, runtime: Runtime) -> None:
         text, {"type": "array", "items": text, "minItems": 1}, tokens,
         {"type": "array", "items": tokens, "minItems": 1}]}
     components["DetokenizeRequest"]["properties"]["tokens"] = {"type": "array", "items": token, "title": "Tokens"}
-    if engine is not None and engine.planner_runtime is not None:
-        _planner_limits(components["DeliberationRequest"], runtime)
+    if engine is not None and runtime.planner_limits is not None:
+        _planner_limits(components["DeliberationRequest"], runtime, runtime.planner_limits)
 
 
 def _described(prop: dict) -> dict:
     return {k: prop[k] for k in ("title", "description") if k in prop}
 
 
-def _planner_limits(deliberation: dict, runtime: Runtime) -> None:
+def _planner_limits(deliberation: dict, runtime: Runtime, limits: PlannerLimits) -> None:
     """When deliberation is on (the request's `enabled`, else the server's default): a verifier this server
     knows, and at most the simulations whose plan fits in the planner's memory."""
-    planner_runtime = runtime.engine.planner_runtime
-    base = runtime.defaults.deliberation.planner
-    fits = [s for s in range(1, MAX_SIMULATIONS + 1)
-            if planner_runtime.roots_that_fit(dataclasses.replace(base, n_simulations=s)) >= 1]
     off = [False] if runtime.defaults.deliberation_enabled else [False, None]
     deliberation.setdefault("allOf", []).append({"anyOf": [
         {"properties": {"enabled": {"enum": off}}},
-        {"properties": {"verifier": {"enum": [*sorted(planner_runtime.verifiers), None]},
-                        "simulations": {"anyOf": [_integers(1, max(fits)), {"type": "null"}]}}}]})
+        {"properties": {"verifier": {"enum": [*limits.verifiers, None]},
+                        "simulations": {"anyOf": [_integers(1, max(limits.max_simulations, 1)), {"type": "null"}]}}}]})

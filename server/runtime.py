@@ -13,14 +13,17 @@ from typing import Callable
 import torch
 from fastapi import Request
 
-from crsm_core.engine import Engine, EngineClosed, GenerationRequest, QueueFull, RequestError, Session
+from crsm_core.checkpoint import CheckpointError, load_config
+from crsm_core.deliberation import load_deliberation_config
+from crsm_core.engine import (Engine, EngineClosed, GenerationRequest, PlannerLimits, QueueFull, RequestError,
+                              ServingEngine, SessionStream)
+from crsm_core.engine_core import CoreSpec, EngineCoreClient
 from crsm_core.model import CRSMModel
-from crsm_core.checkpoint import CheckpointError
-from crsm_core.tokenizer import Tokenizer, TokenizerError
+from crsm_core.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 from .errors import APIError, from_engine, not_ready
 from .metrics import ServerMetrics, StatusHistory
-from .settings import RequestDefaults, ServerSettings
+from .settings import MAX_SIMULATIONS, RequestDefaults, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +49,44 @@ LONG_TEXT_CHARS = 16_384
 ECHO_CHARS = 64
 # Failures of a model directory that name their file: logged without a traceback.
 LOAD_ERRORS = (CheckpointError, TokenizerError, ValueError, OSError)
+# An engine core that dies is started again, unless it died this many times in the last RESTART_WINDOW_S:
+# then the server exits (non-zero), for its process manager to see.
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 300.0
+
+
+def resolved_device(settings: ServerSettings) -> str:
+    """device "auto": cuda when available, else cpu."""
+    if settings.device != "auto":
+        return settings.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(settings: ServerSettings) -> CRSMModel:
-    """device "auto": cuda when available, else cpu."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
-    return CRSMModel.from_pretrained(settings.model_dir, device=torch.device(device))
+    return CRSMModel.from_pretrained(settings.model_dir, device=torch.device(resolved_device(settings)))
 
 
 class Runtime:
-    """What the routes share: settings, metrics, and (once loaded) the tokenizer and the engine."""
+    """What the routes share: settings, metrics, and (once loaded) the tokenizer and the engine: an
+    `Engine` in this process, or with `engine_process` the client of one in a process of its own
+    (crsm_core/engine_core.py; the model is then loaded there, from `model_dir`, not by `loader`)."""
 
     def __init__(self, settings: ServerSettings, loader: Loader):
+        if settings.engine_process and loader is not load_model:
+            raise ValueError("with engine_process the engine core loads the model from model_dir: a custom "
+                             "loader cannot run there")
         self.settings = settings
         self.metrics = ServerMetrics()
         self.status = StatusHistory()
         self.created = int(time.time())
-        self.engine: Engine | None = None
-        self.model: CRSMModel | None = None
+        self.engine: ServingEngine | None = None
+        self.model: CRSMModel | None = None          # in this process only
         self.tokenizer: Tokenizer | None = None
+        self.planner_limits: PlannerLimits | None = None
         self._defaults: RequestDefaults | None = None
         self.load_error: str | None = None
+        self.restarting = False                      # the engine core died; a new one is starting
+        self._restarts: list[float] = []
         self.on_load_failure: Callable[[], None] | None = None  # called on the event loop
         self._loader = loader
         self._load_task: asyncio.Task | None = None
@@ -85,7 +105,7 @@ class Runtime:
 
     async def load(self) -> None:
         try:
-            engine = await asyncio.to_thread(self._build)
+            engine = await (self._start_core() if self.settings.engine_process else self._start_in_process())
         except Exception as e:
             # the log says what and where (paths, the exception); /ready only that it failed. A server
             # that cannot serve exits (`on_load_failure`), so that probes and process managers see it.
@@ -96,9 +116,46 @@ class Runtime:
                 self.on_load_failure()
             return
         self.metrics.bind(engine)
-        engine.start()
-        self.tokenizer, self.engine = engine.tokenizer, engine
+        assert self._defaults is not None
+        self.planner_limits = engine.planner_limits(self._defaults.deliberation.planner, MAX_SIMULATIONS)
+        self.tokenizer, self.engine, self.restarting = engine.tokenizer, engine, False
         log.info("ready: serving %s as %r", self.settings.model_dir, self.model_name)
+
+    async def _start_in_process(self) -> Engine:
+        engine = await asyncio.to_thread(self._build)
+        engine.start()
+        return engine
+
+    async def _start_core(self) -> EngineCoreClient:
+        """The engine core process, started from the model directory; this process reads only the
+        tokenizer and the deliberation defaults from it."""
+        s = self.settings
+        config = await asyncio.to_thread(load_config, s.model_dir)
+        tokenizer = await asyncio.to_thread(load_tokenizer, s.model_dir, config.vocab_size)
+        self._defaults = RequestDefaults.of(s, load_deliberation_config(s.model_dir))
+        spec = CoreSpec(s.model_dir, resolved_device(s), s.engine, s.torch_threads,
+                        planner_base=self._defaults.deliberation.planner, max_simulations=MAX_SIMULATIONS,
+                        log_level=logging.getLogger().getEffectiveLevel())
+        return await EngineCoreClient(spec, tokenizer, listener=self.metrics, on_lost=self._core_lost).start()
+
+    def _core_lost(self) -> None:
+        """On the event loop: the engine core died. /ready answers 503 until a new one runs; too many deaths
+        in a row and the server exits instead."""
+        self.engine = None
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
+        if self._shutdown is not None:
+            return
+        if len(self._restarts) > MAX_RESTARTS:
+            log.error("the engine core died %d times in %.0f s; stopping the server", len(self._restarts),
+                      RESTART_WINDOW_S)
+            self.load_error = "the engine failed repeatedly (the server's log says why)"
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+            return
+        log.error("the engine core died; starting a new one (%d of %d restarts)", len(self._restarts), MAX_RESTARTS)
+        self.restarting = True
+        self._load_task = asyncio.create_task(self.load())
 
     def _build(self) -> Engine:
         """In a worker thread: load the model and build the engine (on CUDA this captures its graphs)."""
@@ -133,11 +190,13 @@ class Runtime:
         if self.model is not None:
             await asyncio.to_thread(self.model.close)
 
-    def require_engine(self) -> tuple[Engine, Tokenizer]:
+    def require_engine(self) -> tuple[ServingEngine, Tokenizer]:
         if self.engine is None or self.tokenizer is None:
             retry_after_s = self.settings.engine.retry_after_s
             if self.load_error is not None:
                 raise not_ready(self.load_error, "model_load_failed", retry_after_s)
+            if self.restarting:
+                raise not_ready("the engine stopped and is restarting", "engine_restarting", retry_after_s)
             raise not_ready("the model is loading", "model_loading", retry_after_s)
         return self.engine, self.tokenizer
 
@@ -162,10 +221,11 @@ class Runtime:
             return [tokenizer.encode(t) for t in texts]
         return await asyncio.to_thread(lambda: [tokenizer.encode(t) for t in texts])
 
-    def submit(self, requests: list[GenerationRequest], param_names: dict[str, str] | None = None) -> list[Session]:
+    async def submit(self, requests: list[GenerationRequest],
+                     param_names: dict[str, str] | None = None) -> list[SessionStream]:
         engine, _ = self.require_engine()
         try:
-            return engine.submit_all(requests)
+            return await engine.open(requests)
         except (RequestError, QueueFull, EngineClosed) as e:
             raise from_engine(e, param_names) from e
 

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from crsm_core.engine import DoneEvent, ErrorEvent, Session
+from crsm_core.engine import DoneEvent, ErrorEvent, SessionStream
 
 T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -31,7 +31,7 @@ def sse_response(messages: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(messages, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def merge(sessions: list[Session]) -> AsyncIterator[tuple[int, object]]:
+async def merge(sessions: list[SessionStream]) -> AsyncIterator[tuple[int, object]]:
     """Events of several sessions as (session index, event), each session's in order, until every
     session has sent its final event."""
     if len(sessions) == 1:
@@ -40,7 +40,7 @@ async def merge(sessions: list[Session]) -> AsyncIterator[tuple[int, object]]:
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, session: Session) -> None:
+    async def pump(index: int, session: SessionStream) -> None:
         async for event in session.stream():
             queue.put_nowait((index, event))
 
@@ -62,7 +62,7 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T], sessions: list[Session]) -> T:
+async def unless_disconnected(request: Request, work: Awaitable[T], sessions: list[SessionStream]) -> T:
     """Await work; if the client disconnects first, raise ClientGone. The sessions are cancelled either
     way on exit (a no-op for finished ones), so a vanished client frees its slots at the next step."""
     work_task = asyncio.ensure_future(work)

@@ -128,12 +128,14 @@ async def test_speculated_tokens_are_the_generators_own_at_any_temperature(backb
     engine = await engine_for(crsm)
     try:
         config = DeliberationConfig(lag=3, planner=SMALL, use_suggestions=False)
-        sessions = engine.submit_all([request("speculate", 48, config, SamplingParams(temperature=1.0, seed=s))
-                                      for s in (1, 2)] + [request("greedy", 48, config)])
+        sessions = engine.submit_all([request("speculate", 64, config, SamplingParams(temperature=1.0, seed=s))
+                                      for s in (1, 2)] + [request("greedy", 64, config)])
+        # how many plans finish within a session depends on how fast the planner thread runs beside the
+        # generator (a loaded CI machine: one in 48 tokens); each session needs one to check
         for done in [await s.collect() for s in sessions]:
             c = counters(done)
             accounted(c)
-            assert c["produced"] >= 2 and c["diverged"] == 0, c
+            assert c["produced"] >= 1 and c["diverged"] == 0, c
             assert c["applied"] + c["applied_late"] >= 1, c
     finally:
         await engine.shutdown()

@@ -89,9 +89,11 @@ def settings_for(model_dir: Path, **overrides) -> ServerSettings:
     return ServerSettings(**base)
 
 
-@pytest.fixture(scope="module")
-def live(model_dir) -> Iterator[LiveServer]:
-    server = LiveServer(settings_for(model_dir)).start()
+@pytest.fixture(scope="module", params=[False, True], ids=["one-process", "engine-process"])
+def live(model_dir, request) -> Iterator[LiveServer]:
+    """The server in both designs: the engine in the server's process, and in a process of its own
+    (crsm_core/engine_core.py): every test that uses it runs against both."""
+    server = LiveServer(settings_for(model_dir, engine_process=request.param)).start()
     yield server
     server.stop()
 
