@@ -49,6 +49,7 @@ from typing import Any, Callable
 
 import torch
 
+from .backbone import Impl
 from .engine import (DoneEvent, Engine, EngineClosed, EngineListener, ErrorEvent, GenerationRequest, PlannerLimits,
                      Session, SessionRecord, SessionStream)
 from .engine_config import EngineConfig
@@ -71,6 +72,7 @@ class CoreSpec:
     device: str                        # "cpu", "cuda", "cuda:N"
     config: EngineConfig
     torch_threads: int | None = None
+    backbone: Impl = "auto"            # the backbone's kernels (crsm_core.backbone.resolve_impl)
     planner_base: PlannerConfig | None = None   # the planner limits are reported for plans like this one
     max_simulations: int = 0
     log_level: int = logging.INFO
@@ -146,7 +148,7 @@ def run_core(conn: multiprocessing.connection.Connection, spec: CoreSpec) -> Non
     try:
         if spec.torch_threads is not None:
             torch.set_num_threads(spec.torch_threads)
-        model = CRSMModel.from_pretrained(spec.model_dir, device=torch.device(spec.device))
+        model = CRSMModel.from_pretrained(spec.model_dir, device=torch.device(spec.device), impl=spec.backbone)
         engine = Engine.for_model(model, spec.config, listener=outlet, sink=outlet)
         limits = None if spec.planner_base is None else engine.planner_limits(spec.planner_base, spec.max_simulations)
     except Exception as e:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .backbone import MambaLM
+from .backbone import Impl, MambaLM
 from .checkpoint import has_component, load_pretrained, save_pretrained
 from .deliberation import UNCALIBRATED_VETO, DeliberationConfig, SessionDeliberator, load_deliberation_config
 from .dynamics import COMPONENT_NAME as DYNAMICS, DynamicsConfig, LatentDynamics
@@ -97,11 +97,11 @@ class CRSMModel:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu",
-                        config: DeliberationConfig | None = None) -> "CRSMModel":
+                        config: DeliberationConfig | None = None, impl: Impl = "auto") -> "CRSMModel":
         """A checkpoint directory: backbone + tokenizer, and `dynamics` / `value_heads` when present
         (untrained ones are built otherwise, and a warning is logged). Deliberation defaults come from
-        `config`, else the directory's crsm.json, else the built-in defaults."""
-        backbone = load_pretrained(directory, device=device)
+        `config`, else the directory's crsm.json, else the built-in defaults. impl: the backbone's kernels."""
+        backbone = load_pretrained(directory, device=device, impl=impl)
         dynamics = value_heads = None
         if has_component(directory, DYNAMICS):
             dynamics = LatentDynamics.load(directory, backbone).eval()

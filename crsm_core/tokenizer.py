@@ -1,5 +1,5 @@
 """Tokenizers: byte-level by default (no download), a HF `tokenizer.json` when a checkpoint has one,
-and incremental decoding for streaming that never emits half a UTF-8 character."""
+token ids alone for a model with no vocabulary file (the benchmark's), and incremental decoding for streaming that never emits half a UTF-8 character."""
 from __future__ import annotations
 
 import json
@@ -72,6 +72,28 @@ class HFTokenizer:
             json.dumps({"type": "hf", "eos_token": self.eos_token}, indent=2) + "\n")
 
 
+class TokenIdTokenizer:
+    """For a model driven by token ids only (the benchmark's 50277-token vocabulary has no vocabulary
+    file). Each id decodes to a short text of its own (" t17"), so the streaming path does the same
+    string work per token as with a real tokenizer; text prompts are refused."""
+
+    def __init__(self, vocab_size: int, eos_id: int = 0):
+        if not 0 <= eos_id < vocab_size:
+            raise TokenizerError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size})")
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id  # GPT-NeoX's <|endoftext|>, as mamba2-130m's
+
+    def encode(self, text: str) -> list[int]:
+        raise TokenizerError("this model takes token-id prompts only (its tokenizer has no vocabulary)")
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f" t{i}" for i in ids if 0 <= i < self.vocab_size and i != self.eos_id)
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / TOKENIZER_CONFIG).write_text(
+            json.dumps({"type": "token_ids", "vocab_size": self.vocab_size, "eos_id": self.eos_id}, indent=2) + "\n")
+
+
 def load_tokenizer(directory: str | Path, vocab_size: int | None = None) -> Tokenizer:
     """tokenizer.json if present (eos from tokenizer_config.json), else the byte tokenizer.
 
@@ -88,6 +110,10 @@ def load_tokenizer(directory: str | Path, vocab_size: int | None = None) -> Toke
             raise TokenizerError(f"{config_path}: not valid JSON ({e})") from e
     if (directory / HF_TOKENIZER).exists():
         return HFTokenizer(directory / HF_TOKENIZER, config.get("eos_token", "<|endoftext|>"))
+    if config.get("type") == "token_ids":
+        if config.get("vocab_size") != vocab_size and vocab_size is not None:
+            raise TokenizerError(f"{config_path}: vocab_size {config.get('vocab_size')} is not the model's ({vocab_size})")
+        return TokenIdTokenizer(int(config["vocab_size"]), int(config.get("eos_id", 0)))
     if config.get("type", "byte") != "byte":
         raise TokenizerError(f"{config_path}: type {config.get('type')!r} but {HF_TOKENIZER} is missing")
     if not config and vocab_size not in (None, ByteTokenizer.vocab_size):

@@ -63,7 +63,8 @@ def resolved_device(settings: ServerSettings) -> str:
 
 
 def load_model(settings: ServerSettings) -> CRSMModel:
-    return CRSMModel.from_pretrained(settings.model_dir, device=torch.device(resolved_device(settings)))
+    return CRSMModel.from_pretrained(settings.model_dir, device=torch.device(resolved_device(settings)),
+                                     impl=settings.backbone)
 
 
 class Runtime:
@@ -133,7 +134,7 @@ class Runtime:
         config = await asyncio.to_thread(load_config, s.model_dir)
         tokenizer = await asyncio.to_thread(load_tokenizer, s.model_dir, config.vocab_size)
         self._defaults = RequestDefaults.of(s, load_deliberation_config(s.model_dir))
-        spec = CoreSpec(s.model_dir, resolved_device(s), s.engine, s.torch_threads,
+        spec = CoreSpec(s.model_dir, resolved_device(s), s.engine, s.torch_threads, backbone=s.backbone,
                         planner_base=self._defaults.deliberation.planner, max_simulations=MAX_SIMULATIONS,
                         log_level=logging.getLogger().getEffectiveLevel())
         return await EngineCoreClient(spec, tokenizer, listener=self.metrics, on_lost=self._core_lost).start()

@@ -119,23 +119,27 @@ def test_deliberation_section(quick_run):
 @pytest.mark.slow
 def test_http_section(quick_run):
     settings, _, data, _ = quick_run
-    result = data["sections"]["http"]["result"]
-    assert result["server"]["max_prompt_tokens"] >= 4096
-    assert [r["streams"] for r in result["runs"]] == [1, 16]
-    for r in result["runs"]:
-        check_run(r, r["streams"], settings.tokens, settings.warmup_gaps)
-        assert r["ttft"]["count"] == r["streams"] and r["ttft"]["p50_ms"] > 0
-    long = result["long_prompt"]
-    assert long["prompt_tokens"] == 4096 and long["streams"] == 16 and long["prefill_chunk"] == 256
-    assert long["window_ms"] > 0 and long["itl_during"]["count"] > 0 and long["itl_before"]["count"] > 0
-    assert long["p99_ratio"] == pytest.approx(long["itl_during"]["p99_ms"] / long["itl_before"]["p99_ms"])
+    designs = data["sections"]["http"]["result"]["designs"]
+    # the server in a process of its own, measured with the engine in its process and in one of its own
+    assert [d["design"] for d in designs] == ["one-process", "engine-process"]
+    assert [d["server"]["engine_process"] for d in designs] == [False, True]
+    for design in designs:
+        assert design["server"]["max_prompt_tokens"] >= 4096 and design["server"]["backbone"] == "reference"
+        assert [r["streams"] for r in design["runs"]] == [1, 16, 64]
+        for r in design["runs"]:
+            check_run(r, r["streams"], settings.tokens, settings.warmup_gaps)
+            assert r["ttft"]["count"] == r["streams"] and r["ttft"]["p50_ms"] > 0
+        long = design["long_prompt"]
+        assert long["prompt_tokens"] == 4096 and long["streams"] == 16 and long["prefill_chunk"] == 256
+        assert long["window_ms"] > 0 and long["itl_during"]["count"] > 0 and long["itl_before"]["count"] > 0
+        assert long["p99_ratio"] == pytest.approx(long["itl_during"]["p99_ms"] / long["itl_before"]["p99_ms"])
 
 
 @pytest.mark.slow
 def test_targets_and_markdown(quick_run):
     _, _, data, markdown = quick_run
     targets = {t["name"]: t for t in data["targets"]}
-    assert len(targets) == 6 + 4 * len(PLANNER_MODES)
+    assert len(targets) == 5 + 4 * len(PLANNER_MODES) + 8 * 2   # engine, plans alone, per mode, per HTTP design
     against_mamba = {"engine ITL p50, 1 session, vs mamba_ssm generate", "engine throughput, 64 sessions, vs mamba_ssm generate"}
     rows = {f"planners ({r['planner_mode']}), {r['sessions']} sessions: landing ratio": r
             for r in data["sections"]["deliberation"]["result"]["rows"]}
@@ -153,7 +157,8 @@ def test_targets_and_markdown(quick_run):
     assert targets["plans alone, 16 sessions: state-steps/s"]["measured"] == alone["state_steps_per_s"]
     for row in ("#### Targets", "| engine ITL p50, 1 session | <= 0.55 ms |", "| 1 | greedy |", "| 64 | temperature 1 |",
                 "| crsm engine (reference) | 64 |", "| stream | 16 |", "| ride | 1 |", "| 16 | ", "p99 ratio",
-                "4,096-token prompt", "| plans alone, 16 sessions: state-steps/s | >= 18,454 /s |"):
+                "4,096-token prompt", "| one-process | 64 |", "| engine-process | 16 |",
+                "| HTTP (engine-process), 64 clients: tokens/s vs the engine | >= 0.90x |", "| plans alone, 16 sessions: state-steps/s | >= 18,454 /s |"):
         assert row in markdown, row
 
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from crsm_core.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, TokenizerError, load_tokenizer
+from crsm_core.tokenizer import (ByteTokenizer, HFTokenizer, IncrementalDecoder, TokenIdTokenizer, TokenizerError,
+                                 load_tokenizer)
 
 SAMPLES = ["hello, world", "naïve café", "日本語のテキスト", "emoji 👩‍🚀🚀 and 🇯🇵", "mixed: 中文 ✓ ok"]
 
@@ -93,3 +94,14 @@ def test_default_is_byte_and_errors_name_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text("garbage")
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_a_token_id_tokenizer_is_saved_and_loaded_with_its_vocabulary(tmp_path):
+    TokenIdTokenizer(50277).save(tmp_path)
+    loaded = load_tokenizer(tmp_path, vocab_size=50277)
+    assert isinstance(loaded, TokenIdTokenizer) and loaded.vocab_size == 50277 and loaded.eos_id == 0
+    assert loaded.decode([5, 0, 17]) == " t5 t17"   # eos is not text
+    with pytest.raises(TokenizerError, match="token-id prompts only"):
+        loaded.encode("hello")
+    with pytest.raises(TokenizerError, match="vocab_size 50277 is not the model's"):
+        load_tokenizer(tmp_path, vocab_size=1000)

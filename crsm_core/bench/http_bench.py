@@ -1,13 +1,15 @@
-"""Section "http": the real server on loopback, streamed by httpx clients in the same process.
+"""Section "http": the real server on loopback, streamed by httpx clients in this process.
 
-The server is handed in (`BenchServer`; crsm/bench_server.py starts the real one: the app factory under
-uvicorn in a thread of its own with its own event loop, serving a CRSMModel around the shared backbone),
-since the core does not import the server. The clients run on this thread's event loop. Timestamps are
-the clients': the moment each SSE `token` event is read.
+The server is handed in (`BenchServer`; crsm/bench_server.py starts the real one, `crsm serve` in a
+process of its own, on the workload's model saved to a directory), since the core does not import the
+server. It is measured in both designs (`HTTP_DESIGNS`): the engine in the server's process, and the engine
+in a process of its own (`--engine-process`). The clients run on this process's event loop, so that
+their own Python never holds the server's interpreter. Timestamps are the clients': the moment each SSE
+`token` event is read.
 
-Measured: time to first token and ITL with 1 and 16 streaming clients; then the long-prompt test:
-16 streams running, a 4,096-token prompt submitted, and the 16 streams' gaps during the window from
-its submission to its first token, against the same streams' gaps before the submission.
+Measured per design: time to first token and ITL with 1, 16 and 64 streaming clients arriving together;
+then the long-prompt test: 16 streams running, a 4,096-token prompt submitted, and the 16 streams' gaps
+during the window from its submission to its first token, against the same streams' gaps before it.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Any, Callable, Protocol
 import httpx
 
 from .engine_bench import release_device_memory
-from .results import HttpResult, LongPromptResult, StreamRun
+from .settings import HTTP_DESIGNS
+from .results import HttpDesign, HttpResult, LongPromptResult, StreamRun
 from .stats import LatencyStats, gaps, pooled_gaps, steady_tokens_per_s, window_gaps
 from .workload import Workload
 
@@ -44,7 +47,7 @@ class BenchServer(Protocol):
         """Its settings by their flat names (`prefill_chunk`, `max_sessions`, ...), as the report records them."""
 
 
-ServerFactory = Callable[[Workload], BenchServer]
+ServerFactory = Callable[[Workload, str], BenchServer]   # (workload, design)
 
 
 @dataclass
@@ -159,11 +162,11 @@ async def long_prompt_run(client: httpx.AsyncClient, workload: Workload, prefill
                             p99_ratio=itl_during.p99_ms / itl_before.p99_ms)
 
 
-async def _http_section(workload: Workload, server: BenchServer) -> HttpResult:
+async def _measure(workload: Workload, server: BenchServer, design: str) -> HttpDesign:
     s = workload.settings
     limits = httpx.Limits(max_connections=4 * s.max_sessions, max_keepalive_connections=4 * s.max_sessions)
     async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(PHASE_TIMEOUT_S), limits=limits) as client:
-        log.info("http: warm-up (short streams and one %d-token prompt)", s.long_prompt_tokens)
+        log.info("http (%s): warm-up (short streams and one %d-token prompt)", design, s.long_prompt_tokens)
         [long_prompt] = workload.prompts(1, length=s.long_prompt_tokens, salt=800)
         await asyncio.gather(stream(client, body(long_prompt, 2), StreamRecord()),
                              *(stream(client, body(p, s.warmup_gaps + 4), StreamRecord())
@@ -171,20 +174,25 @@ async def _http_section(workload: Workload, server: BenchServer) -> HttpResult:
         runs = []
         for salt, clients in enumerate(s.http_clients):
             run = await streaming_run(client, workload, clients, salt=810 + salt)
-            log.info("http: %d clients: TTFT p50 %.2f ms, ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", clients,
-                     run.ttft.p50_ms, run.itl.p50_ms, run.itl.p99_ms, run.tokens_per_s)
+            log.info("http (%s): %d clients: TTFT p50 %.2f ms, ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", design,
+                     clients, run.ttft.p50_ms, run.itl.p50_ms, run.itl.p99_ms, run.tokens_per_s)
             runs.append(run)
-        long_prompt_result = await long_prompt_run(client, workload, server.settings()["prefill_chunk"])
-        log.info("http: long prompt (%d tokens) under %d streams: ITL p99 %.3f ms before, %.3f ms during (x%.2f)",
-                 s.long_prompt_tokens, s.long_prompt_streams, long_prompt_result.itl_before.p99_ms,
+        settings = server.settings()
+        long_prompt_result = await long_prompt_run(client, workload, settings["prefill_chunk"])
+        log.info("http (%s): long prompt (%d tokens) under %d streams: ITL p99 %.3f ms before, %.3f ms during (x%.2f)",
+                 design, s.long_prompt_tokens, s.long_prompt_streams, long_prompt_result.itl_before.p99_ms,
                  long_prompt_result.itl_during.p99_ms, long_prompt_result.p99_ratio)
-    return HttpResult(server=server.settings(), runs=runs, long_prompt=long_prompt_result)
+    return HttpDesign(design=design, server=settings, runs=runs, long_prompt=long_prompt_result)
 
 
 def http_section(workload: Workload, serve: ServerFactory) -> HttpResult:
-    server = serve(workload).start()
-    try:
-        return asyncio.run(_http_section(workload, server))
-    finally:
-        server.stop()
-        release_device_memory()
+    """Each design in turn, one server at a time (they would share the device)."""
+    designs = []
+    for design in HTTP_DESIGNS:
+        server = serve(workload, design).start()
+        try:
+            designs.append(asyncio.run(_measure(workload, server, design)))
+        finally:
+            server.stop()
+            release_device_memory()
+    return HttpResult(designs=designs)

@@ -174,22 +174,36 @@ def _deliberation(run: BenchRun) -> list[str]:
 
 
 def _http(run: BenchRun) -> list[str]:
-    header = ["clients", "first token p50 (ms)", "first token p99 (ms)", "ITL p50 (ms)", "ITL p99 (ms)", "tokens/s"]
+    header = ["design", "clients", "first token p50 (ms)", "first token p99 (ms)", "ITL p50 (ms)", "ITL p99 (ms)",
+              "tokens/s", "ITL p50 / p99 vs the engine", "tokens/s vs the engine"]
     outcome = run.sections.get("http")
     if (missing := _missing_table(outcome, header)) is not None:
         return missing
     result: HttpResult = outcome.result
-    lines = _table(header, ([str(r.streams), _ms(r.ttft.p50_ms), _ms(r.ttft.p99_ms), _ms(r.itl.p50_ms),
-                             _ms(r.itl.p99_ms), _rate(r.tokens_per_s)] for r in result.runs))
-    lp = result.long_prompt
+    engine = run.sections.get("engine")
+    engine_runs = engine.result.runs if engine is not None and engine.status == "ok" else []
+
+    def against_engine(r: StreamRun) -> list[str]:
+        e = next((e for e in engine_runs if e.streams == r.streams and e.label == "greedy"), None)
+        if e is None:
+            return ["-", "-"]
+        return [f"{r.itl.p50_ms / e.itl.p50_ms:.2f}x / {r.itl.p99_ms / e.itl.p99_ms:.2f}x",
+                f"{r.tokens_per_s / e.tokens_per_s:.2f}"]
+
+    lines = _table(header, ([d.design, str(r.streams), _ms(r.ttft.p50_ms), _ms(r.ttft.p99_ms), _ms(r.itl.p50_ms),
+                             _ms(r.itl.p99_ms), _rate(r.tokens_per_s), *against_engine(r)]
+                            for d in result.designs for r in d.runs))
+    lp = result.designs[0].long_prompt
     lines += ["", f"A {lp.prompt_tokens:,}-token prompt admitted while {lp.streams} streams run (prefilled "
                   f"{lp.prefill_chunk} tokens per iteration): the streams' gaps from its submission to its first "
                   "token, against the same streams' gaps before it.", ""]
-    lines += _table(["window (ms)", "ITL p50 before / during (ms)", "ITL p99 before / during (ms)", "p99 ratio",
-                     "gaps before / during"],
-                    [[f"{lp.window_ms:.1f}", f"{_ms(lp.itl_before.p50_ms)} / {_ms(lp.itl_during.p50_ms)}",
-                      f"{_ms(lp.itl_before.p99_ms)} / {_ms(lp.itl_during.p99_ms)}", f"{lp.p99_ratio:.2f}x",
-                      f"{lp.itl_before.count} / {lp.itl_during.count}"]])
+    lines += _table(["design", "window (ms)", "ITL p50 before / during (ms)", "ITL p99 before / during (ms)",
+                     "p99 ratio", "gaps before / during"],
+                    [[d.design, f"{d.long_prompt.window_ms:.1f}",
+                      f"{_ms(d.long_prompt.itl_before.p50_ms)} / {_ms(d.long_prompt.itl_during.p50_ms)}",
+                      f"{_ms(d.long_prompt.itl_before.p99_ms)} / {_ms(d.long_prompt.itl_during.p99_ms)}",
+                      f"{d.long_prompt.p99_ratio:.2f}x", f"{d.long_prompt.itl_before.count} / {d.long_prompt.itl_during.count}"]
+                     for d in result.designs])
     return lines
 
 
@@ -204,8 +218,11 @@ def render_markdown(run: BenchRun) -> str:
              *_baselines(run), "", "#### Deliberation overhead", "",
              "The same engine with planners off, then on, back to back, per planner mode.", "",
              *_deliberation(run), "", "#### End to end over HTTP", "",
-             "The server (uvicorn, loopback) and httpx clients streaming SSE `/v1/generate` in one process; "
-             "client-side timestamps of each `token` event.", "", *_http(run)]
+             "`crsm serve` in a process of its own on the same model (saved to a directory), with the engine "
+             "in the server's process (one-process) or in its own (engine-process, `--engine-process`); httpx "
+             "clients in the benchmark's process stream SSE `/v1/generate`, all clients of a row arriving "
+             "together; client-side timestamps of each `token` event. \"vs the engine\": the engine section's "
+             "greedy run of the same concurrency in this run.", "", *_http(run)]
     if run.files.get("plot"):
         lines += ["", f"Plot: `{PLOT}` in the run's output directory (ITL p50 and p99 against concurrent sessions)."]
     return "\n".join(lines)
@@ -241,7 +258,8 @@ def write_plot(path: Path, run: BenchRun) -> bool:
                 series[b.backend] = b.runs
     http = run.sections.get("http")
     if http is not None and http.status == "ok":
-        series["crsm over HTTP"] = http.result.runs
+        for d in http.result.designs:
+            series[f"crsm over HTTP ({d.design})"] = d.runs
     if not series:
         log.warning("no ITL results to plot; skipping %s", path.name)
         return False

@@ -128,10 +128,20 @@ class LongPromptResult:
 
 
 @dataclass(frozen=True)
-class HttpResult:
-    server: dict[str, Any]
-    runs: list[StreamRun]
+class HttpDesign:
+    """The server measured with the engine in its process ("one-process") or in its own ("engine-process")."""
+    design: str
+    server: dict[str, Any]     # its settings by their flat names
+    runs: list[StreamRun]      # one per count of clients arriving together
     long_prompt: LongPromptResult
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    designs: list[HttpDesign]
+
+    def design(self, name: str) -> HttpDesign | None:
+        return next((d for d in self.designs if d.design == name), None)
 
 
 @dataclass

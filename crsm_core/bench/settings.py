@@ -17,6 +17,8 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKBONES = ("reference", "fused", "fused_step")
 # The engine section's backbones by device: the first is every section's, the others are compared with it.
 DEFAULT_BACKBONES = {"cuda": ("fused_step", "fused"), "cpu": ("reference",)}
+# The HTTP section's servers: the engine in the server's process, or in a process of its own.
+HTTP_DESIGNS = ("one-process", "engine-process")
 
 
 class SettingsError(ValueError):
@@ -42,7 +44,7 @@ class BenchSettings:
     prompt_tokens: int = 16                   # random prompt of every measured session
     concurrency: tuple[int, ...] = (1, 16, 64)
     deliberation_concurrency: tuple[int, ...] = (1, 16)
-    http_clients: tuple[int, ...] = (1, 16)
+    http_clients: tuple[int, ...] = (1, 16, 64)
     long_prompt_tokens: int = 4096            # the prompt admitted while 16 streams run
     long_prompt_streams: int = 16
     max_sessions: int = 64                    # EngineConfig.max_sessions and the server's slot pool

@@ -1,4 +1,4 @@
-"""The goals of issues 5 and 17, checked against a run's results.
+"""The goals of issues 5, 15 and 17, checked against a run's results.
 
 Each target names where its number comes from; a section that failed or was not run leaves its targets
 "not measured" rather than missed. Engine numbers are those of the run's own backbone (the first of
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..engine_config import PLANNER_MODES
+from .settings import HTTP_DESIGNS
 from .results import BaselinesResult, BenchRun, DeliberationResult, EngineResult, HttpResult, StreamRun, TargetCheck
 
 # Issue 17: planner state-steps/s of a 16-session plan alone at least twice those measured before it (9,227).
@@ -106,9 +107,35 @@ def evaluate_targets(run: BenchRun) -> list[TargetCheck]:
                       .check(get("state_steps_per_s")))
         checks.append(Target(f"{where}: landing ratio", "", 0.90, at_most=False).check(get("landing_ratio")))
 
+    checks += _http_targets(run, engine)
+    return checks
+
+
+def _http_targets(run: BenchRun, engine: EngineResult | None) -> list[TargetCheck]:
+    """Issue 15's, per server design: HTTP against the engine of this run at the same concurrency."""
     outcome = run.sections.get("http")
     http: HttpResult | None = outcome.result if outcome is not None and outcome.status == "ok" else None
     long_tokens = run.settings["long_prompt_tokens"]
-    checks.append(Target(f"HTTP ITL p99 while a {long_tokens:,}-token prompt is admitted, vs without", "x", 2.0, at_most=True,
-                         strict=True).check(None if http is None else http.long_prompt.p99_ratio))
+    checks = []
+    for name in HTTP_DESIGNS:
+        design = None if http is None else http.design(name)
+
+        def clients(n: int) -> StreamRun | None:
+            return None if design is None else next((r for r in design.runs if r.streams == n), None)
+
+        for n in (16, 64):
+            r, e = clients(n), _greedy(engine, n)
+            checks.append(Target(f"HTTP ({name}), {n} clients: ITL p50 vs the engine", "x", 1.10, at_most=True)
+                          .check(_ratio(r and r.itl.p50_ms, e and e.itl.p50_ms)))
+            checks.append(Target(f"HTTP ({name}), {n} clients: ITL p99 vs the engine", "x", 1.5, at_most=True)
+                          .check(_ratio(r and r.itl.p99_ms, e and e.itl.p99_ms)))
+        for n, limit in ((16, 10.0), (64, 25.0)):
+            r = clients(n)
+            checks.append(Target(f"HTTP ({name}), {n} clients arriving together: first token p50", "ms", limit,
+                                 at_most=True).check(r and r.ttft.p50_ms))
+        r, e = clients(64), _greedy(engine, 64)
+        checks.append(Target(f"HTTP ({name}), 64 clients: tokens/s vs the engine", "x", 0.90, at_most=False)
+                      .check(_ratio(r and r.tokens_per_s, e and e.tokens_per_s)))
+        checks.append(Target(f"HTTP ({name}): ITL p99 while a {long_tokens:,}-token prompt is admitted, vs without",
+                             "x", 1.5, at_most=True).check(None if design is None else design.long_prompt.p99_ratio))
     return checks

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -20,6 +19,7 @@ from ..deliberation import DeliberationConfig
 from ..dynamics import DynamicsConfig, LatentDynamics
 from ..model import CRSMModel
 from ..planner import PlannerConfig
+from ..tokenizer import TokenIdTokenizer
 from .settings import BenchSettings
 
 log = logging.getLogger(__name__)
@@ -37,32 +37,6 @@ def deliberation_config(quick: bool) -> DeliberationConfig:
     if quick:
         return DeliberationConfig(planner=PlannerConfig(n_simulations=4, top_k=2, max_depth=2, leaf_batch=2))
     return DeliberationConfig()
-
-
-class TokenIdTokenizer:
-    """A tokenizer for a model driven by token ids only (the benchmark has no vocabulary file for the
-    50277-token vocabulary of mamba2-130m).
-
-    The engine needs a tokenizer for two things: the eos id and the streamed text of each token
-    (`IncrementalDecoder` decodes a short window of ids every token). Each id decodes to a short piece
-    of text of its own, so the engine's streaming path does the same string work per token as with a
-    real tokenizer. Text prompts are refused.
-    """
-
-    def __init__(self, vocab_size: int, eos_id: int = 0):
-        if not 0 <= eos_id < vocab_size:
-            raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size})")
-        self.vocab_size = vocab_size
-        self.eos_id = eos_id  # GPT-NeoX's <|endoftext|>, as mamba2-130m; the bench sets ignore_eos anyway
-
-    def encode(self, text: str) -> list[int]:
-        raise ValueError("the benchmark tokenizer takes token-id prompts only")
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(f" t{i}" for i in ids if 0 <= i < self.vocab_size and i != self.eos_id)
-
-    def save(self, directory: str | Path) -> None:
-        raise ValueError("the benchmark tokenizer is not saved with a model")
 
 
 @dataclass
