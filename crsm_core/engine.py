@@ -264,6 +264,18 @@ class SessionStream:
             if isinstance(event, (DoneEvent, ErrorEvent)):
                 return
 
+    async def batches(self) -> AsyncIterator[list[TokenEvent | DoneEvent | ErrorEvent | object]]:
+        """The same events as `stream`, each time as many as have arrived (at least one). A front end that
+        falls behind the generator then writes a backlog in one send instead of one per event, so that its
+        cost per event falls as the load rises."""
+        while True:
+            batch = [await self.events.get()]
+            while not isinstance(batch[-1], (DoneEvent, ErrorEvent)) and not self.events.empty():
+                batch.append(self.events.get_nowait())
+            yield batch
+            if isinstance(batch[-1], (DoneEvent, ErrorEvent)):
+                return
+
     async def collect(self) -> Completion:
         tokens: list[TokenEvent] = []
         injections: list = []

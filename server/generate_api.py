@@ -73,16 +73,20 @@ async def generate(body: GenerateRequest, request: Request):
         deliberation=completion.done.deliberation)
 
 
+def _message(event: object, tokenizer: Tokenizer) -> str:
+    if isinstance(event, TokenEvent):
+        return sse({"text": event.text, "token_id": event.token_id, "position": event.position}, "token")
+    if isinstance(event, DoneEvent):
+        return sse(done_payload(event), "done")
+    if isinstance(event, ErrorEvent):
+        return sse(error_payload(event), "error")
+    return sse(injection_payload(event, tokenizer), "injection")
+
+
 async def _events(session: SessionStream, tokenizer: Tokenizer) -> AsyncIterator[str]:
+    """The session's events as SSE messages; those that arrived together are written together."""
     try:
-        async for event in session.stream():
-            if isinstance(event, TokenEvent):
-                yield sse({"text": event.text, "token_id": event.token_id, "position": event.position}, "token")
-            elif isinstance(event, DoneEvent):
-                yield sse(done_payload(event), "done")
-            elif isinstance(event, ErrorEvent):
-                yield sse(error_payload(event), "error")
-            else:
-                yield sse(injection_payload(event, tokenizer), "injection")
+        async for batch in session.batches():
+            yield "".join(_message(event, tokenizer) for event in batch)
     finally:
         session.cancel()  # the client left (or the stream ended: then a no-op)

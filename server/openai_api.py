@@ -115,16 +115,24 @@ async def _stream(sessions: list[SessionStream], prompts: list[list[int]], inclu
     try:
         for message in opening:
             yield message
-        async for index, event in merge(sessions):
-            if isinstance(event, TokenEvent):
-                completion_tokens += 1
-                pending.setdefault(index, []).append(event)
-                if event.text:
-                    yield chunk(index, event.text, None, pending.pop(index))
-            elif isinstance(event, DoneEvent):
-                yield chunk(index, None, event.finish_reason, pending.pop(index, []))
-            elif isinstance(event, ErrorEvent):
-                yield sse(error_payload(event))
+        failed = False
+        async for batch in merge(sessions):
+            messages = []   # what arrived together is written together
+            for index, event in batch:
+                if isinstance(event, TokenEvent):
+                    completion_tokens += 1
+                    pending.setdefault(index, []).append(event)
+                    if event.text:
+                        messages.append(chunk(index, event.text, None, pending.pop(index)))
+                elif isinstance(event, DoneEvent):
+                    messages.append(chunk(index, None, event.finish_reason, pending.pop(index, [])))
+                elif isinstance(event, ErrorEvent):
+                    messages.append(sse(error_payload(event)))
+                    failed = True
+                    break
+            if messages:
+                yield "".join(messages)
+            if failed:
                 break
         if include_usage:
             yield usage_chunk(_usage(prompts, completion_tokens))

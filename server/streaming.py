@@ -31,27 +31,28 @@ def sse_response(messages: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(messages, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def merge(sessions: list[SessionStream]) -> AsyncIterator[tuple[int, object]]:
-    """Events of several sessions as (session index, event), each session's in order, until every
-    session has sent its final event."""
+async def merge(sessions: list[SessionStream]) -> AsyncIterator[list[tuple[int, object]]]:
+    """Events of several sessions as batches of (session index, event), each session's in order, until
+    every session has sent its final event. A batch holds what had arrived (SessionStream.batches)."""
     if len(sessions) == 1:
-        async for event in sessions[0].stream():
-            yield 0, event
+        async for batch in sessions[0].batches():
+            yield [(0, event) for event in batch]
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, session: SessionStream) -> None:
-        async for event in session.stream():
-            queue.put_nowait((index, event))
+        async for batch in session.batches():
+            queue.put_nowait([(index, event) for event in batch])
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(sessions)]
     remaining = len(sessions)
     try:
         while remaining:
-            index, event = await queue.get()
-            if isinstance(event, (DoneEvent, ErrorEvent)):
-                remaining -= 1
-            yield index, event
+            batch = await queue.get()
+            while not queue.empty():
+                batch += queue.get_nowait()
+            remaining -= sum(isinstance(event, (DoneEvent, ErrorEvent)) for _, event in batch)
+            yield batch
     finally:
         for task in tasks:
             task.cancel()

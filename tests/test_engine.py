@@ -428,3 +428,25 @@ async def test_a_session_that_finds_no_slot_in_time_ends_with_queue_timeout(mode
         assert (await engine.submit(request("on time", 4, ignore_eos=True)).collect()).done.finish_reason == "length"
     finally:
         await engine.shutdown()
+
+
+def test_a_stream_hands_over_in_one_batch_what_arrived_together():
+    """A front end that falls behind writes the backlog at once (SessionStream.batches), and a batch never
+    reaches past the final event."""
+    from crsm_core.engine import SessionStream
+
+    async def scenario():
+        stream = SessionStream("s")
+        for i in range(3):
+            stream.events.put_nowait(TokenEvent(i, f"t{i}", i))
+        batches = stream.batches()
+        first = await batches.__anext__()
+        stream.events.put_nowait(TokenEvent(3, "t3", 3))
+        stream.events.put_nowait(ErrorEvent("boom", "internal_error"))
+        stream.events.put_nowait(TokenEvent(4, "late", 4))   # after the final event: never handed over
+        rest = [batch async for batch in batches]
+        return first, rest
+
+    first, rest = asyncio.run(scenario())
+    assert [e.token_id for e in first] == [0, 1, 2]
+    assert len(rest) == 1 and rest[0][0].token_id == 3 and isinstance(rest[0][1], ErrorEvent) and len(rest[0]) == 2

@@ -106,10 +106,13 @@ def test_the_settings_table_in_the_docs_names_every_setting():
 
 def test_literal_settings_are_choices():
     literal = [s for s in settings_fields() if get_origin(s.annotation) is Literal]
-    assert [s.name for s in literal] == ["planner_mode"]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--planner-mode", "wild"])
-    assert _cli_type(literal[0].annotation)[1] == list(get_args(literal[0].annotation))
+    assert [s.name for s in literal] == ["backbone", "planner_mode"]
+    for flag in ("--planner-mode", "--backbone"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", flag, "wild"])
+    for setting in literal:
+        assert _cli_type(setting.annotation)[1] == list(get_args(setting.annotation))
+    assert build_parser().parse_args(["serve", "--backbone", "fused_step"]).backbone == "fused_step"
 
 
 # ---- requests into engine parameters -------------------------------------------------------------------
