@@ -181,9 +181,13 @@ def test_the_page_shows_tokens_markers_detail_and_compare(model_dir):
         assert fields == set(suggested)
 
         # the request's timings and deliberation counters, from its done event
-        counters = {e.get_attribute("data-counter"): e.text for e in
+        # (the page ran its own request: `waited` counts the positions whose plan was not in yet when the
+        # generator reached them, which is timing, so it is bounded, not compared)
+        counters = {e.get_attribute("data-counter"): int(e.text.replace(",", "")) for e in
                     driver.find_elements(By.CSS_SELECTOR, "#counters [data-counter]")}
-        assert {k: int(v.replace(",", "")) for k, v in counters.items()} == done["deliberation"]
+        assert counters.keys() == done["deliberation"].keys()
+        assert 0 <= counters.pop("waited") <= counters["produced"]
+        assert counters == {k: v for k, v in done["deliberation"].items() if k != "waited"}
         stats = driver.find_element(By.ID, "stats-main").text
         for label in ("Time to first token", "Inter-token latency", "Tokens / s", "Total"):
             assert label in stats
