@@ -164,10 +164,20 @@ def test_fused_tree_kernels_build_the_reference_trees(config):
     weights = torch.randn(tiny.n_layer, tiny.nheads * tiny.ssm_cfg.headdim * tiny.ssm_cfg.d_state, device="cuda")
     problems.append((root_states, root_logits, model.step,
                      lambda s, r, t: torch.sigmoid(torch.einsum("lkd,ld->kl", s.ssm.flatten(2), weights))))
+    # a verifier: one value per node, read from the tokens (1 unless the path starts with the root's
+    # favourite), as the engine's verifier searches give the kernels (heads = 1)
+    favourite = torch.sort(root_logits, dim=1, descending=True, stable=True)[1][:, 0]
+
+    def avoid_favourite(s, roots, tokens):
+        return ((tokens[:, 0] >= 0) & (tokens[:, 0] != favourite[roots])).float().unsqueeze(1)
+
+    problems.append((root_states, root_logits, model.step, avoid_favourite))
     for states, logits, step, value in problems:
         reference = search(states, logits, step, value, config, fused=False)
         fused = search(states, logits, step, value, config, fused=True)
         assert torch.equal(fused.action, reference.action)
+        if value is avoid_favourite:   # the search looked past the favourite and chose a token valued 1
+            assert (fused.action != favourite).all() and (fused.score == 1).all(), (fused.root_visits, fused.root_q)
         theirs = tree_tensors(reference.tree)
         for name, mine in tree_tensors(fused.tree).items():
             if mine.is_floating_point():   # the consensus std is reduced in another order

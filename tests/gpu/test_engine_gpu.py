@@ -130,14 +130,14 @@ def test_planners_run_on_the_gpu_and_leave_the_generator_exact(models, mode):
         assert c["launched"] == c["produced"] + c["cancelled"]
         assert c["produced"] == sum(c[k] for k in ("applied", "applied_late", "pruned", "vetoed", "diverged",
                                                    "rejected"))
-        assert c["rejected"] == 0 and c["diverged"] == 0
+        assert c["rejected"] == 0 and c["diverged"] == 0, [e for e in result.injections if e.outcome.value == "diverged"]
         # plans land: on time or caught up (the heads are untrained: no veto)
         assert c["applied"] + c["applied_late"] >= 0.9 * (c["produced"] - c["pruned"]) > 0, c
         n, ties = check_teacher_forced(reference, prompt, result.token_ids)
         assert ties <= MAX_TIE_SHARE * n
 
 
-def avoiding_emitted(sessions, release):
+def avoiding_emitted(sessions, release, calls=None):
     """A verifier valuing 1 what does not start with the token the generator emitted at the plan's decision
     position (every plan disagrees with the generator, so every plan blends), held until `release` is set.
     It compares with the emitted token rather than a fresh greedy prefill of the context: on nearly flat
@@ -151,8 +151,11 @@ def avoiding_emitted(sessions, release):
         emitted = [session.sequence[len(c)] if len(session.sequence) > len(c) else -1 for c in contexts]
 
         def value(states, roots, tokens):
-            return torch.tensor([float(t >= 0 and t != emitted[r]) for r, t in zip(roots.tolist(), tokens[:, 0].tolist())],
-                                device="cuda").unsqueeze(1)
+            firsts = tokens[:, 0].tolist()
+            values = [float(t >= 0 and t != emitted[r]) for r, t in zip(roots.tolist(), firsts)]
+            if calls is not None:   # what the search asked and was told, for the failure message
+                calls.append((emitted, firsts, values))
+            return torch.tensor(values, device="cuda").unsqueeze(1)
         return value
     return for_batch
 
@@ -164,8 +167,8 @@ def test_late_plans_are_caught_up_and_land_on_the_gpu(models, mode):
     is caught up through them and blended."""
     import threading
     fused, _ = models
-    release, sessions = threading.Event(), []
-    crsm = CRSMModel(fused, tokenizer=IdTokenizer(), verifiers={"avoid": avoiding_emitted(sessions, release)})
+    release, sessions, calls = threading.Event(), [], []
+    crsm = CRSMModel(fused, tokenizer=IdTokenizer(), verifiers={"avoid": avoiding_emitted(sessions, release, calls)})
     config = DeliberationConfig(lag=0, verifier="avoid", use_suggestions=False, injection_rate=0.5,
                                 planner=PlannerConfig(n_simulations=8, leaf_batch=4))
     engine = Engine.for_model(crsm, EngineConfig(max_sessions=4, planner_mode=mode, ride_rows=8, max_new_tokens=20_000))
@@ -196,5 +199,5 @@ def test_late_plans_are_caught_up_and_land_on_the_gpu(models, mode):
     finally:
         crsm.close()
     assert first is not None and session.deliberator.counters()["failed"] == 0
-    assert first.outcome.value == "applied_late" and first.effect.value == "blended", first
+    assert first.outcome.value == "applied_late" and first.effect.value == "blended", (first, calls[:12])
     assert first.lateness >= 20 and first.reason.startswith("caught up through")
