@@ -287,6 +287,9 @@ def test_invalid_inputs_are_rejected():
         search(states, logits, toy.step, lambda s, r, t: toy.value(s)[:, 0], PlannerConfig())
     with pytest.raises(ValueError, match="step_fn"):
         search(states, logits, lambda t, s: toy.step(t, s)[:, :4], toy.value, PlannerConfig())
+    # -1 is the roots' own action: as an end-of-text token it would end every search at its root
+    with pytest.raises(ValueError, match="terminal_token"):
+        search(states, logits, toy.step, toy.value, PlannerConfig(), terminal_token=-1)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -66,6 +66,10 @@ class Tree:
     terminal_token: int | None = None  # the end-of-text token: a node reached by it is terminal
 
     def __post_init__(self) -> None:
+        # A root's action is -1: a negative end-of-text token would make every root terminal, and the
+        # search would silently never expand (a tokenizer that marked "no eos" with -1 did exactly that).
+        if self.terminal_token is not None and self.terminal_token < 0:
+            raise ValueError(f"terminal_token must be a token id (>= 0) or None, got {self.terminal_token}")
         # [R] long, 0 .. R-1: the root of each row (not a field: it is derived, not tree data)
         self.rows = torch.arange(self.parent.shape[0], device=self.parent.device)
 

@@ -21,7 +21,7 @@ from crsm_core.engine import Engine, EngineConfig, GenerationRequest, SessionSta
 from crsm_core.model import CRSMModel
 from crsm_core.planner import PlannerConfig
 from crsm_core.sampling import SamplingParams
-from crsm_core.tokenizer import ByteTokenizer
+from crsm_core.tokenizer import TokenIdTokenizer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not fused_available(), reason="needs CUDA and mamba_ssm")]
 
@@ -33,9 +33,11 @@ N_TOKENS = 256
 MAX_TIE_SHARE = 0.10
 
 
-class IdTokenizer(ByteTokenizer):
-    """Token ids only (the engine decodes text; ids above 255 decode to nothing); no eos in use."""
-    eos_id = -1
+def IdTokenizer() -> TokenIdTokenizer:
+    """Token ids as text, over the model's vocabulary (requests ignore its eos, token 0; the planner's
+    search still treats it as terminal). It once subclassed ByteTokenizer with eos_id -1 for "no eos",
+    which the search took for the roots' own action: every root was terminal and no plan ever expanded."""
+    return TokenIdTokenizer(CONFIG.vocab_size)
 
 
 @pytest.fixture(scope="module", params=GPU_IMPLS)
