@@ -8,6 +8,7 @@ reference's top two logits are within a tie margin (random weights give nearly f
 arithmetic moves near-ties either way). A wrong token that is not a near-tie fails the test.
 """
 import asyncio
+import re
 import time
 
 import pytest
@@ -49,13 +50,17 @@ def models(request):
     return fused, reference
 
 
-def check_teacher_forced(reference, prompt: list[int], tokens: list[int]) -> tuple[int, int]:
-    """Returns (tokens checked, near-ties where the engine's token was not the reference's argmax)."""
+def check_teacher_forced(reference, prompt: list[int], tokens: list[int],
+                         seen: list[torch.Tensor] | None = None) -> tuple[int, int]:
+    """Returns (tokens checked, near-ties where the engine's token was not the reference's argmax);
+    `seen` receives the reference's logits [V] at each of the tokens' positions."""
     with torch.no_grad():
         state = reference.allocate_state(1)
         logits = reference.prefill(torch.tensor([prompt], device="cuda"), state)[0]
         ties = 0
         for token in tokens:
+            if seen is not None:
+                seen.append(logits.float().cpu())
             top2 = torch.topk(logits, 2)
             if token != int(top2.indices[0]):
                 margin = float(top2.values[0] - logits[token])
@@ -132,11 +137,23 @@ def test_planners_run_on_the_gpu_and_leave_the_generator_exact(models, mode):
         assert c["launched"] == c["produced"] + c["cancelled"]
         assert c["produced"] == sum(c[k] for k in ("applied", "applied_late", "pruned", "vetoed", "diverged",
                                                    "rejected"))
-        assert c["rejected"] == 0 and c["diverged"] == 0, [e for e in result.injections if e.outcome.value == "diverged"]
+        assert c["rejected"] == 0
         # plans land: on time or caught up (the heads are untrained: no veto)
         assert c["applied"] + c["applied_late"] >= 0.9 * (c["produced"] - c["pruned"]) > 0, c
-        n, ties = check_teacher_forced(reference, prompt, result.token_ids)
+        logits: list[torch.Tensor] = []
+        n, ties = check_teacher_forced(reference, prompt, result.token_ids, logits)
         assert ties <= MAX_TIE_SHARE * n
+        # A plan speculates the tokens up to its decision position with its own steps, a batch of another
+        # size than the generator's (other GEMM tilings, other bf16 rounding): where the reference has a
+        # near-tie the two may take different sides, and the plan is rightly DIVERGED. Anywhere else a
+        # divergence is a wrong speculation.
+        diverged = [e for e in result.injections if e.outcome.value == "diverged"]
+        assert len(diverged) == c["diverged"] <= max(1, MAX_TIE_SHARE * c["produced"]), diverged
+        for event in diverged:
+            found = re.fullmatch(r"assumed token (\d+) at position (\d+), the generator emitted (\d+)", event.reason)
+            assumed, position, emitted = (int(x) for x in found.groups())
+            at = logits[position - len(prompt)]
+            assert abs(float(at[assumed] - at[emitted])) <= TIE_MARGIN, (event, float(at[assumed] - at[emitted]))
 
 
 def avoiding_emitted(sessions, release, calls=None):
