@@ -34,11 +34,10 @@ N_TOKENS = 256
 MAX_TIE_SHARE = 0.10
 
 
-def IdTokenizer() -> TokenIdTokenizer:
-    """Token ids as text, over the model's vocabulary (requests ignore its eos, token 0; the planner's
-    search still treats it as terminal). It once subclassed ByteTokenizer with eos_id -1 for "no eos",
-    which the search took for the roots' own action: every root was terminal and no plan ever expanded."""
-    return TokenIdTokenizer(CONFIG.vocab_size)
+# Token ids as text, over the model's vocabulary (requests ignore its eos, token 0; the planner's search
+# still treats it as terminal). It once subclassed ByteTokenizer with eos_id -1 for "no eos", which the
+# search took for the roots' own action: every root was terminal and no plan ever expanded.
+TOKENIZER = TokenIdTokenizer(CONFIG.vocab_size)
 
 
 @pytest.fixture(scope="module", params=GPU_IMPLS)
@@ -107,7 +106,7 @@ def test_engine_greedy_tokens_follow_the_reference(models):
     fused, reference = models
     torch.manual_seed(1)
     prompts = [torch.randint(0, CONFIG.vocab_size, (n,)).tolist() for n in (17, 300, 5, 64)]
-    engine = Engine(fused, IdTokenizer(), EngineConfig(max_sessions=8, prefill_chunk=256))
+    engine = Engine(fused, TOKENIZER, EngineConfig(max_sessions=8, prefill_chunk=256))
     results = asyncio.run(run(engine, [greedy(p) for p in prompts]))
     checked = ties = 0
     for prompt, result in zip(prompts, results):
@@ -120,7 +119,7 @@ def test_engine_greedy_tokens_follow_the_reference(models):
 @pytest.mark.parametrize("mode", ["stream", "ride"])
 def test_planners_run_on_the_gpu_and_leave_the_generator_exact(models, mode):
     fused, reference = models
-    crsm = CRSMModel(fused, tokenizer=IdTokenizer(),
+    crsm = CRSMModel(fused, tokenizer=TOKENIZER,
                      config=DeliberationConfig(planner=PlannerConfig(n_simulations=8, leaf_batch=4),
                                                injection_rate=0.0, use_suggestions=False))
     engine = Engine.for_model(crsm, EngineConfig(max_sessions=4, planner_mode=mode, ride_rows=8))
@@ -187,7 +186,7 @@ def test_late_plans_are_caught_up_and_land_on_the_gpu(models, mode):
     import threading
     fused, _ = models
     release, sessions, calls = threading.Event(), [], []
-    crsm = CRSMModel(fused, tokenizer=IdTokenizer(), verifiers={"avoid": avoiding_emitted(sessions, release, calls)})
+    crsm = CRSMModel(fused, tokenizer=TOKENIZER, verifiers={"avoid": avoiding_emitted(sessions, release, calls)})
     config = DeliberationConfig(lag=0, verifier="avoid", use_suggestions=False, injection_rate=0.5,
                                 planner=PlannerConfig(n_simulations=8, leaf_batch=4))
     engine = Engine.for_model(crsm, EngineConfig(max_sessions=4, planner_mode=mode, ride_rows=8, max_new_tokens=20_000))
