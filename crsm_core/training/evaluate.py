@@ -190,7 +190,19 @@ def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, 
     device = resolve_device(cfg)
     crsm = CRSMModel.from_pretrained(model_dir, device=device)
     base = crsm.config
+    doc = out or Path(e.out)
+    meta = {"device": device_description(device), "commit": git_commit(), "model": str(model_dir),
+            "prompts": prompts or e.prompts, "max_new_tokens": e.max_new_tokens, "task": asdict(cfg.tasks),
+            "lead_window": e.lead_window, "deliberation": asdict(base),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     summaries: dict[str, dict[str, Any]] = {}
+
+    def record(family: str, results: dict[str, ModeResult]) -> None:
+        # written after every mode: a run stopped part way (a time limit on a shared machine) keeps what it measured
+        summaries[family] = summarize(results)
+        write_markdown(doc, meta, summaries, model_dir)
+        doc.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summaries}, indent=2) + "\n")
+
     try:
         for family in families or cfg.tasks.families:
             prompt_list = heldout_prompts(cfg.tasks, prompts or e.prompts, cfg.seed, family)
@@ -202,6 +214,7 @@ def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, 
                                          deliberation_for(mode, family, base, e.lead_window))
                 log.info("%s / %s: accuracy %.3f, %.0f tokens/s", family, mode, results[mode].accuracy,
                          results[mode].tokens_per_s)
+                record(family, results)
             if "best_of_n" in modes:
                 n, basis = e.best_of_n, "configured"
                 if n == 0:
@@ -210,21 +223,15 @@ def evaluate(cfg: TrainConfig, model_dir: Path | None = None, modes: tuple[str, 
                                                                cfg.seed)
                 results["best_of_n"] = sampled_mode("best_of_n", verdicts, sessions, wall, tokens,
                                                     {"n": n, "n_basis": basis, "temperature": e.temperature})
+                record(family, results)
             if "oracle" in modes:
                 verdicts, sessions, wall, tokens = run_samples(crsm, prompt_list, e.oracle_k, e.max_new_tokens,
                                                                e.temperature, cfg.seed + 1)
                 results["oracle"] = sampled_mode("oracle", verdicts, sessions, wall, tokens,
                                                  {"k": e.oracle_k, "temperature": e.temperature})
-            summaries[family] = summarize(results)
+                record(family, results)
     finally:
         crsm.close()
-    doc = out or Path(e.out)
-    meta = {"device": device_description(device), "commit": git_commit(), "model": str(model_dir),
-            "prompts": prompts or e.prompts, "max_new_tokens": e.max_new_tokens, "task": asdict(cfg.tasks),
-            "lead_window": e.lead_window, "deliberation": asdict(base),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    write_markdown(doc, meta, summaries, model_dir)
-    (doc.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": summaries}, indent=2) + "\n")
     return {"meta": meta, "summary": summaries}
 
 
