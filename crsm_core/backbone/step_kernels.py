@@ -37,7 +37,10 @@ fp32 every rounding is exact. The kernels avoid constructs Triton's CPU interpre
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -47,6 +50,7 @@ from ..config import ConfigError, MambaConfig
 from ..state import RecurrentState
 
 MAX_D_CONV = 4        # the conv window lives in registers, one tensor per tap
+BF16_DOT = True       # a bf16 model's projections multiply bf16 operands on the GPU (see _accumulate)
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)   # as torch.nn.functional.softplus: above it softplus(x) = x
 
 
@@ -77,12 +81,16 @@ def _round(x, BF16: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, a, w, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _accumulate(acc, a, w, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] += a [BLOCK_M, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T; a and w fp32 holding
-    model-dtype values, so every product is exact and the sum is fp32. For a bf16 model the dot runs
-    in tf32, which holds bf16 values exactly (the interpreter multiplies bf16 operands as integers)."""
+    model-dtype values, so every product is exact and the sum is fp32. For a bf16 model the operands
+    go to the tensor cores as bf16 (BF16_DOT: exact, they hold bf16 values; half the shared memory
+    and twice the rate of tf32) or in tf32, which holds them exactly too (the CPU interpreter, which
+    multiplies bf16 operands as integers)."""
     if BLOCK_M == 1:   # a GEMV
         acc += tl.sum(a * w, axis=1)[None, :]
+    elif BF16_DOT:
+        acc = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
     else:
         acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
@@ -116,7 +124,8 @@ def _rms_proj_kernel(
         M, N, eps, conv_lo, conv_hi, K: tl.constexpr,
         FROM_EMBEDDING: tl.constexpr, CONV: tl.constexpr, HAS_ROWS: tl.constexpr, D_CONV: tl.constexpr,
         MODEL_BF16: tl.constexpr, STATE_BF16: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BF16_DOT: tl.constexpr):
     """out[m, n] = (rmsnorm(a[m]) @ w^T)[n], plus the conv epilogue when CONV (see the module docstring).
 
     a: [M, K] residual rows, or with FROM_EMBEDDING the embedding table [V, K] read at rows tokens[m]
@@ -147,7 +156,7 @@ def _rms_proj_kernel(
         a = _round(a * rstd[:, None] * norm_w[None, :], MODEL_BF16)
         w = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        acc = _accumulate(acc, a, w, BLOCK_M, DOT_PRECISION)
+        acc = _accumulate(acc, a, w, BLOCK_M, DOT_PRECISION, BF16_DOT)
 
     out = _round(acc, MODEL_BF16)   # the GEMM's output in the model dtype
     out_ok = m_ok[:, None] & n_ok[None, :]
@@ -235,7 +244,7 @@ def _gated_proj_kernel(
         M, N, eps, K: tl.constexpr, group_size: tl.constexpr,
         MODEL_BF16: tl.constexpr, RES_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
     """res[m, n] += (groupwise rmsnorm(g[m]) @ w^T)[n]; g: [M, K] gated; w: [N, K]; each block of K
     lies in one group (_group_block)."""
     pid_m = tl.program_id(0)
@@ -265,7 +274,7 @@ def _gated_proj_kernel(
         a = _round(a * r[:, None] * norm_w[None, :], MODEL_BF16)
         w = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        acc = _accumulate(acc, a, w, BLOCK_M, DOT_PRECISION)
+        acc = _accumulate(acc, a, w, BLOCK_M, DOT_PRECISION, BF16_DOT)
 
     out = _round(acc, MODEL_BF16)
     at = res_ptr + ms[:, None].to(tl.int64) * stride_res + ns[None, :]
@@ -285,17 +294,39 @@ class Tiles:
     num_warps: int
 
 
-def proj_tiles(m: int, n: int, k: int) -> Tiles:
-    """Tiles of an [m, k] x [k, n] projection.
+def proj_tiles(m: int, n: int, k: int, device_name: str | None = None) -> Tiles:
+    """Tiles of an [m, k] x [k, n] projection: measured ones where `step_tiles.json` has this device
+    and shape (scripts/sweep_step_tiles.py writes it, as vLLM ships tuned kernel configs per device),
+    else the heuristic below.
 
     M = 1, a GEMV: memory latency, not bandwidth, bounds a 2-5 MB projection, so every program loads
     its whole [BLOCK_N, K] slice of the weight at once (one K block), and the slices are narrow enough
     for 100-200 programs. M > 1: tl.dot tiles of 16 to 64 rows over K blocks of 64, which Triton
     pipelines; narrow column tiles again where N is small (out_proj: 768)."""
+    tuned = _tuned_tiles().get(device_name or "", {}).get(f"{n}x{k}")
+    if tuned and m > 1:
+        # the smallest measured bucket that holds m rows (tiles of a bucket only mask fewer rows)
+        buckets = sorted(int(b) for b in tuned)
+        bucket = next((b for b in buckets if b >= m), buckets[-1])
+        return Tiles(**tuned[str(bucket)])
     wide = n >= 2048
     if m == 1:
         return Tiles(1, 16 if wide else 8, min(2048, triton.next_power_of_2(k)), 8)
     return Tiles(min(64, max(16, triton.next_power_of_2(m))), 32 if wide else 16, 64, 4)
+
+
+TUNED_TILES = Path(__file__).with_name("step_tiles.json")
+
+
+@functools.cache
+def _tuned_tiles() -> dict[str, dict[str, dict[str, dict[str, int]]]]:
+    """{device name: {"NxK": {bucket: Tiles fields}}} from TUNED_TILES, {} without it."""
+    return json.loads(TUNED_TILES.read_text()) if TUNED_TILES.exists() else {}
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def check_config(config: MambaConfig) -> None:
@@ -345,6 +376,7 @@ def decode_step(model, tokens: torch.Tensor, state: RecurrentState, src_rows: to
         raise ValueError(f"the fused step kernels run fp32 or bf16 models and states, not {dtype} / {state.ssm.dtype}")
     model_bf16 = dtype == torch.bfloat16
     precision = "tf32" if model_bf16 else "ieee"   # tf32 holds bf16 operands exactly; fp32 stays fp32
+    bf16_dot = BF16_DOT and model_bf16 and device.type == "cuda"
     res_dtype = torch.float32 if config.residual_in_fp32 else dtype
     act = torch.empty(m, d_in_proj, dtype=torch.float32, device=device)     # z | conv(x B C) | dt
     gated = torch.empty(m, e, dtype=torch.float32, device=device)           # y * silu(z)
@@ -353,8 +385,9 @@ def decode_step(model, tokens: torch.Tensor, state: RecurrentState, src_rows: to
     rows = (src_rows, dst_rows) if has_rows else (tokens, tokens)           # unread without rows
     embedding = model.backbone.embedding.weight
 
-    t_in, t_out, t_head = proj_tiles(m, d_in_proj, d_model), proj_tiles(m, d_model, e), \
-        proj_tiles(m, config.vocab_size, d_model)
+    name = _device_name(device)
+    t_in, t_out, t_head = proj_tiles(m, d_in_proj, d_model, name), proj_tiles(m, d_model, e, name), \
+        proj_tiles(m, config.vocab_size, d_model, name)
     group_size = e // s.ngroups
     out_block_k = _group_block(group_size, s.ngroups, t_out.block_k)
     block_p = min(16, triton.next_power_of_2(s.headdim))
@@ -372,7 +405,7 @@ def decode_step(model, tokens: torch.Tensor, state: RecurrentState, src_rows: to
             FROM_EMBEDDING=first, CONV=True, HAS_ROWS=has_rows, D_CONV=s.d_conv, MODEL_BF16=model_bf16,
             STATE_BF16=conv.dtype == torch.bfloat16,
             BLOCK_M=t_in.block_m, BLOCK_N=t_in.block_n, BLOCK_K=t_in.block_k, DOT_PRECISION=precision,
-            num_warps=t_in.num_warps)
+            BF16_DOT=bf16_dot, num_warps=t_in.num_warps)
         _ssm_kernel[ssm_grid](
             act, act.stride(0), mixer.dt_bias, mixer.A_log, mixer.D, ssm, ssm, *rows, *ssm.stride(),
             gated, gated.stride(0), e, 2 * e, 2 * e + gn, 2 * e + 2 * gn, heads // s.ngroups,
@@ -384,7 +417,8 @@ def decode_step(model, tokens: torch.Tensor, state: RecurrentState, src_rows: to
             residual, residual.stride(0), m, d_model, mixer.norm.eps, K=e, group_size=group_size,
             MODEL_BF16=model_bf16, RES_BF16=res_dtype == torch.bfloat16,
             BLOCK_M=t_out.block_m, BLOCK_N=t_out.block_n, BLOCK_K=out_block_k,
-            BLOCK_G=max(2, triton.next_power_of_2(s.ngroups)), DOT_PRECISION=precision, num_warps=t_out.num_warps)
+            BLOCK_G=max(2, triton.next_power_of_2(s.ngroups)), DOT_PRECISION=precision,
+            BF16_DOT=bf16_dot, num_warps=t_out.num_warps)
     head, norm_f = model.lm_head.weight, model.backbone.norm_f
     _rms_proj_kernel[(triton.cdiv(m, t_head.block_m), triton.cdiv(config.vocab_size, t_head.block_n))](
         residual, residual.stride(0), tokens, norm_f.weight, head, head.stride(0), logits, logits.stride(0),
@@ -393,5 +427,5 @@ def decode_step(model, tokens: torch.Tensor, state: RecurrentState, src_rows: to
         FROM_EMBEDDING=False, CONV=False, HAS_ROWS=False, D_CONV=s.d_conv, MODEL_BF16=model_bf16,
         STATE_BF16=False,
         BLOCK_M=t_head.block_m, BLOCK_N=t_head.block_n, BLOCK_K=t_head.block_k, DOT_PRECISION=precision,
-        num_warps=t_head.num_warps)
+        BF16_DOT=bf16_dot, num_warps=t_head.num_warps)
     return logits
