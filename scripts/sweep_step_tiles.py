@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from crsm_core.backbone import build_backbone, step_kernels
-from crsm_core.backbone.step_kernels import Tiles, decode_step
+from crsm_core.backbone.step_kernels import decode_step
+from crsm_core.backbone.tiles import Tiles
 from scripts.gpu_parity import BF16_CASE, environment
 
 log = logging.getLogger("sweep_step_tiles")

@@ -170,13 +170,6 @@ def test_unsupported_configs_are_refused():
     step_kernels.check_config(tiny_config())
 
 
-def test_tiles_per_batch():
-    # one row: a GEMV, the whole of K in one block; more rows: tl.dot tiles of at least 16 rows
-    gemv = step_kernels.proj_tiles(1, 3352, 768)
-    assert (gemv.block_m, gemv.block_n, gemv.block_k) == (1, 16, 1024)
-    assert step_kernels.proj_tiles(1, 768, 1536).block_n == 8          # out_proj: more, narrower programs
-    assert step_kernels.proj_tiles(3, 3352, 768).block_m == 16
-    assert step_kernels.proj_tiles(64, 3352, 768).block_m == 64
-    assert step_kernels.proj_tiles(80, 3352, 768).block_m == 64
+def test_out_proj_blocks_stay_in_one_group():
     # out_proj's K blocks never straddle two groups of the gated norm
     assert step_kernels._group_block(1536, 1, 2048) == 2048 and step_kernels._group_block(768, 2, 2048) == 256

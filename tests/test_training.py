@@ -295,6 +295,28 @@ def test_tiny_eval_writes_the_table(tiny_run, tmp_path):
     assert set(summary) == {"arithmetic"} and set(summary["arithmetic"]) == {"greedy"}
 
 
+@pytest.mark.slow
+def test_an_eval_stopped_part_way_keeps_the_modes_it_finished(tiny_run, tmp_path, monkeypatch):
+    from crsm_core.training import evaluate
+
+    out, _ = tiny_run
+    real = evaluate.run_mode
+
+    def run_mode(crsm, mode, *args, **kwargs):
+        if mode == "sync":
+            raise TimeoutError("the machine's time ran out")
+        return real(crsm, mode, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run_mode", run_mode)
+    doc = tmp_path / "evaluation.md"
+    with pytest.raises(TimeoutError):
+        evaluate.evaluate(load_config(TINY).replace(out_dir=str(out)), prompts=4, out=doc, families=("subset",),
+                          modes=("greedy", "async", "sync"))
+    summary = json.loads(doc.with_suffix(".json").read_text())["summary"]
+    assert set(summary["subset"]) == {"greedy", "async"}
+    assert "(b) async deliberation" in doc.read_text() and "(c) synchronous" not in doc.read_text()
+
+
 def test_open_loop_loss_of_one_step_is_the_distillation_loss(random_model):
     from crsm_core.dynamics import DynamicsConfig, LatentDynamics, distillation_loss
     from crsm_core.training.stage2_dynamics import open_loop_loss

@@ -187,8 +187,11 @@ def test_late_plans_are_caught_up_and_land_on_the_gpu(models, mode):
     fused, _ = models
     release, sessions, calls = threading.Event(), [], []
     crsm = CRSMModel(fused, tokenizer=TOKENIZER, verifiers={"avoid": avoiding_emitted(sessions, release, calls)})
+    # The plan is late by however far the generator runs while its search finishes after the release
+    # (at 47d3abfc8c36: ~550 tokens, with the tree kernels' first compile): the defaults' max_lag 64
+    # pruned it and their decay would leave it no effect, so this test bounds neither.
     config = DeliberationConfig(lag=0, verifier="avoid", use_suggestions=False, injection_rate=0.5,
-                                planner=PlannerConfig(n_simulations=8, leaf_batch=4))
+                                max_lag=20_000, delta_decay=1.0, planner=PlannerConfig(n_simulations=8, leaf_batch=4))
     engine = Engine.for_model(crsm, EngineConfig(max_sessions=4, planner_mode=mode, ride_rows=8, max_new_tokens=20_000))
 
     async def go():
