@@ -151,7 +151,7 @@ class ServerSettings(BaseModel):
     torch_threads: int | None = Field(None, ge=1)
     """CPU threads for model work (default: torch's)"""
     backbone: Literal["auto", "reference", "fused", "fused_step"] = "auto"
-    """the backbone's kernels: auto (fused on a GPU with mamba_ssm, else reference), reference (PyTorch), fused (mamba_ssm's Triton kernels), fused_step (fused, with this project's per-layer decode-step kernels)"""
+    """the backbone's kernels: auto (on a GPU with mamba_ssm: fused_step where its kernels cover the model, else fused; reference on the CPU), reference (PyTorch), fused (mamba_ssm's Triton kernels), fused_step (fused, with this project's per-layer decode-step kernels)"""
     engine_process: bool = False
     """run the engine (scheduler, model, planners) in a process of its own, so that HTTP work never shares its interpreter (crsm_core/engine_core.py)"""
     ui: bool = True
