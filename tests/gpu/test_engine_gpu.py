@@ -19,6 +19,7 @@ from crsm_core.backbone.graphs import CapturedPrefill
 from crsm_core.config import MambaConfig
 from crsm_core.deliberation import DeliberationConfig
 from crsm_core.engine import Engine, EngineConfig, GenerationRequest, SessionStatus
+from crsm_core.injection import InjectionEvent
 from crsm_core.model import CRSMModel
 from crsm_core.planner import PlannerConfig
 from crsm_core.sampling import SamplingParams
@@ -207,7 +208,7 @@ def test_late_plans_are_caught_up_and_land_on_the_gpu(models, mode):
             release.set()
             first = None
             async for event in session.stream():
-                if first is None and hasattr(event, "outcome"):
+                if first is None and isinstance(event, InjectionEvent):
                     first = event
                     session.cancel()
             return first, session
