@@ -88,6 +88,11 @@ def test_uniforms_are_uniform_and_distinct_across_rows_and_steps():
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[1], u[2])
     later = uniform(torch.tensor([1]), torch.tensor([1]), 20000)
     assert not torch.equal(later[0], u[0])
+    # rows (seeds, and steps of one seed) are uncorrelated column by column, and so are neighbouring columns
+    rows = torch.cat([u, later]).double()
+    corr = torch.corrcoef(rows)
+    assert float((corr - torch.eye(4, dtype=torch.float64)).abs().max()) < 0.04
+    assert abs(float(torch.corrcoef(torch.stack([u[0, :-1], u[0, 1:]]).double())[0, 1])) < 0.04
     # hash32 stays in 32 bits and is a bijection on a sample
     x = torch.arange(0, 2**32, 2**32 // 4096, dtype=torch.int64)
     h = hash32(x)
