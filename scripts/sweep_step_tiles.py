@@ -9,7 +9,7 @@ passes. The chosen tiles' logits are compared with the heuristic tiles' in tf32 
 change of tiles reorders the fp32 sums only). It prints a table and writes under --out `tiles.json`
 (the record) and `step_tiles.json`, the table `proj_tiles` reads once copied to crsm_core/backbone/.
 
-    python scripts/sweep_step_tiles.py [--out DIR] [--batches 16 64 256] [--budget-s 150]
+    python scripts/sweep_step_tiles.py [--out DIR] [--batches 16 64 256] [--budget-s 150] [--model DIR]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from crsm_core.backbone import build_backbone, step_kernels
+from crsm_core.checkpoint import load_config
 from crsm_core.backbone.step_kernels import decode_step
 from crsm_core.backbone.tiles import Tiles
 from scripts.gpu_parity import BF16_CASE, environment
@@ -78,10 +79,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/sweep_step_tiles")))
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--budget-s", type=float, default=150.0)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a model directory: its config's shapes (default: the bench's 129M model)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
-    config = BF16_CASE.config
+    config = load_config(args.model) if args.model is not None else BF16_CASE.config   # random weights: shapes only
     model = build_backbone(config, "cuda", torch.bfloat16, impl="fused_step")
     shapes = {"in_proj": (config.d_in_proj, config.d_model), "out_proj": (config.d_model, config.d_inner),
               "lm_head": (config.vocab_size, config.d_model)}
