@@ -23,7 +23,7 @@ from crsm_core.tokenizer import Tokenizer
 from .errors import APIError, from_session_error
 from .runtime import runtime_of
 from .schemas import GenerateRequest, GenerateResponse, Timings, Usage
-from .streaming import sse, sse_response, unless_disconnected
+from .streaming import json_string, sse, sse_response, unless_disconnected
 
 router = APIRouter()
 
@@ -73,9 +73,15 @@ async def generate(body: GenerateRequest, request: Request):
         deliberation=completion.done.deliberation)
 
 
+def token_message(event: TokenEvent) -> str:
+    """sse({"text", "token_id", "position"}, "token") written directly: it is sent once per token."""
+    return (f'event: token\ndata: {{"text":{json_string(event.text)},"token_id":{event.token_id:d},'
+            f'"position":{event.position:d}}}\n\n')
+
+
 def _message(event: object, tokenizer: Tokenizer) -> str:
     if isinstance(event, TokenEvent):
-        return sse({"text": event.text, "token_id": event.token_id, "position": event.position}, "token")
+        return token_message(event)
     if isinstance(event, DoneEvent):
         return sse(done_payload(event), "done")
     if isinstance(event, ErrorEvent):

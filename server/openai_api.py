@@ -26,7 +26,7 @@ from .schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatComp
                       ChatCompletionResponse, ChatDelta, ChatMessageOut, CompletionChoice, CompletionLogprobs,
                       CompletionRequest, CompletionResponse, DetokenizeRequest, TokenLogprob, TopLogprob, DetokenizeResponse, ModelCard, ModelList,
                       TokenizeRequest, TokenizeResponse, Usage, VersionResponse, _OpenAIRequest)
-from .streaming import merge, sse, sse_response, unless_disconnected
+from .streaming import MessageTemplate, merge, sse, sse_response, unless_disconnected
 
 router = APIRouter()
 DONE = "data: [DONE]\n\n"
@@ -208,12 +208,20 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         offsets = [len(echoes[i // body.n]) for i in range(len(sessions))]   # of each choice's next text
 
-        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+        def render(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
             logprobs = _completion_logprobs(tokens, tokenizer, offsets[index]) if wants_logprobs else None
-            offsets[index] += len(text or "")
             choice = CompletionChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish)
             return sse(_chunk_dict(CompletionResponse(id=cid, created=created, model=model, choices=[choice]),
                                    body.include_usage))
+
+        # a token's chunk, from a template; with logprobs each chunk is rendered whole
+        token_chunk = None if wants_logprobs else MessageTemplate(lambda index, text: render(index, text, None))
+
+        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+            message = (token_chunk(index, text) if token_chunk is not None and text is not None and finish is None
+                       else render(index, text, finish, tokens))
+            offsets[index] += len(text or "")
+            return message
 
         def usage_chunk(usage: Usage) -> str:
             return sse(CompletionResponse(id=cid, created=created, model=model, choices=[], usage=usage).model_dump())
@@ -249,10 +257,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             c = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)
             return sse(_chunk_dict(c, body.include_usage))
 
-        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+        def render(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
             logprobs = _chat_logprobs(tokens, tokenizer) if wants_logprobs else None
             return message([ChatChunkChoice(index=index, delta=ChatDelta(content=text), logprobs=logprobs,
                                             finish_reason=finish)])
+
+        token_chunk = None if wants_logprobs else MessageTemplate(lambda index, text: render(index, text, None))
+
+        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+            if token_chunk is not None and text is not None and finish is None:
+                return token_chunk(index, text)
+            return render(index, text, finish, tokens)
 
         opening = [message([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
                    for i in range(len(sessions))]
