@@ -1,0 +1,148 @@
+"""The front end's CPU cost per streamed token event: `crsm serve` with the engine in a process of its own
+(so that the server's process does HTTP work only), a tiny model, and N clients streaming at once.
+
+The clients are raw asyncio sockets in this process (cheap, so the server's process is what is measured);
+each reads its stream to the end. The figure is the server process's CPU time (user + system, all its
+threads; the engine core is a child process and not counted) over the SSE messages the clients received:
+microseconds of front end per event. Several source trees can be measured in one run (`--tree`, e.g. a
+checkout of an earlier commit), each on the same model, alternating, best of `--repeats`.
+
+    python scripts/front_end_cost.py [--tree PATH ...] [--clients 64] [--tokens 256] [--endpoint generate]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from crsm_core.backbone import MambaLM
+from crsm_core.config import tiny_config
+from crsm_core.model import CRSMModel
+from crsm_core.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PATHS = {"generate": "/v1/generate", "chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+def request_body(endpoint: str, index: int, tokens: int) -> dict:
+    common = {"max_tokens": tokens, "stream": True, "ignore_eos": True, "temperature": 0.0}
+    if endpoint == "generate":
+        return {"token_ids": [65 + index % 26, 66, 67, 68], **common}
+    if endpoint == "chat":
+        return {"model": "tiny", "messages": [{"role": "user", "content": f"hello {index}"}], **common}
+    return {"model": "tiny", "prompt": f"hello {index}", **common}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS   # utime, stime
+
+
+async def one_stream(port: int, path: str, body: dict) -> bytes:
+    """The whole response (the server closes the connection after it: `connection: close`)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps(body).encode()
+    writer.write(f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                 f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n".encode() + payload)
+    chunks = []
+    while chunk := await reader.read(1 << 16):
+        chunks.append(chunk)
+    writer.close()
+    response = b"".join(chunks)
+    if not response.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"{path} answered {response[:300]!r}")
+    return response
+
+
+async def streams(port: int, endpoint: str, clients: int, tokens: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    responses = await asyncio.gather(*(one_stream(port, PATHS[endpoint], request_body(endpoint, i, tokens))
+                                       for i in range(clients)))
+    wall = time.perf_counter() - start
+    # every SSE message (the byte tokenizer's text of a token that ends no UTF-8 character is held back:
+    # the OpenAI streams then send no chunk for it)
+    return sum(r.count(b"data: ") for r in responses), wall
+
+
+class Server:
+    def __init__(self, tree: Path, model_dir: Path, clients: int, extra: list[str]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        command = [sys.executable, "-m", "crsm", "--log-level", "WARNING", "serve", "--model", str(model_dir),
+                   "--model-name", "tiny", "--device", "cpu", "--port", str(self.port), "--engine-process",
+                   "--max-sessions", str(clients), "--queue-size", str(4 * clients), "--torch-threads", "1",
+                   "--no-ui", *extra]
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        self.process = subprocess.Popen(command, cwd=tree, env=env)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not get ready"
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def measure(server: Server, endpoint: str, clients: int, tokens: int) -> dict:
+    asyncio.run(streams(server.port, endpoint, clients, max(8, tokens // 8)))   # warm-up
+    before = cpu_seconds(server.process.pid)
+    events, wall = asyncio.run(streams(server.port, endpoint, clients, tokens))
+    cpu = cpu_seconds(server.process.pid) - before
+    if endpoint == "generate" and events != clients * (tokens + 1):
+        raise RuntimeError(f"{events} events, expected {clients * (tokens + 1)} (a token event each, and done)")
+    return {"events": events, "wall_s": round(wall, 3), "server_cpu_s": round(cpu, 3),
+            "us_per_event": round(cpu / events * 1e6, 2), "events_per_s": round(events / wall),
+            "events_per_cpu_s": round(events / cpu)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tree", type=Path, action="append", help="source tree to serve from (repeatable; "
+                        "default: this one)")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=256, help="token events per stream")
+    parser.add_argument("--endpoint", choices=sorted(PATHS), default="generate")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra flag for `crsm serve`")
+    args = parser.parse_args()
+    trees = args.tree or [REPO]
+    with tempfile.TemporaryDirectory() as directory:
+        torch.manual_seed(0)
+        model = CRSMModel(MambaLM(tiny_config()), tokenizer=ByteTokenizer())
+        model.save_pretrained(Path(directory))
+        model.close()
+        results: dict[str, list[dict]] = {str(t): [] for t in trees}
+        for tree in trees:
+            server = Server(tree, Path(directory), args.clients, args.serve_arg)
+            try:
+                for _ in range(args.repeats):
+                    results[str(tree)].append(measure(server, args.endpoint, args.clients, args.tokens))
+            finally:
+                server.stop()
+    for tree, runs in results.items():
+        best = min(runs, key=lambda r: r["us_per_event"])
+        print(json.dumps({"tree": tree, "endpoint": args.endpoint, "clients": args.clients, "best": best,
+                          "us_per_event_all": [r["us_per_event"] for r in runs]}))
+
+
+if __name__ == "__main__":
+    main()
