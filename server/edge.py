@@ -1,10 +1,11 @@
 """The server's door: what a request must get through before any route sees it.
 
 Two layers, both configured by ServerSettings:
-- `GuardedH11Protocol`, uvicorn's h11 protocol with what it lacks: a deadline for a request's head
-  (`header_timeout_s`: h11 waits for headers forever, so half-open sockets used to pile up until the file
-  descriptors ran out) and a cap on open connections (`max_connections`: one more is answered 503 and
-  closed at once, before it holds a file descriptor for long). uvicorn's own `limit_concurrency` only
+- `GuardedHttpToolsProtocol` (or, with `http_protocol` "h11", `GuardedH11Protocol`), uvicorn's protocol
+  with what it lacks: a deadline for a request's head (`header_timeout_s`: uvicorn waits for headers
+  forever, so half-open sockets used to pile up until the file descriptors ran out) and a cap on open
+  connections (`max_connections`: one more is answered 503 and closed at once, before it holds a file
+  descriptor for long). uvicorn's own `limit_concurrency` only
   answers 503 once a request's head has arrived, so it does not bound sockets that send nothing.
 - `EdgeGuard`, an ASGI middleware: the API key (`api_key`), then the body, read whole here with a size
   limit (`max_body_bytes`: a Content-Length over it is refused before a byte of the body is read, a
@@ -28,6 +29,7 @@ import h11
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import INVALID_REQUEST, error_body
 from .settings import ServerSettings
@@ -49,47 +51,48 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # ---- the connection -------------------------------------------------------------------------------------
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a head deadline and a connection cap (build it with `protocol_for`)."""
+class _ConnectionGuard:
+    """What uvicorn's protocols lack, for either of them: a deadline for a request's head and a cap on open
+    connections. A protocol says when it waits for a head (`_awaiting_head`) and calls `_head_arrived`."""
 
-    def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    # set by the protocol classes below (uvicorn's)
+    connections: set
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+
+    def _guard(self, header_timeout_s: float, max_connections: int) -> None:
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         self._head_deadline: asyncio.TimerHandle | None = None
         self._head_started = False  # some bytes of the pending head arrived
         self._refused = False       # over the cap: answered 503 and closed, never one of uvicorn's connections
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.max_connections:
-            self._refused, self.transport = True, transport
-            _log_refusal(len(self.connections))
-            transport.write(_raw_response(503, "too many open connections; retry later", "server_overloaded",
-                                          "service_unavailable", retry_after=True))
-            transport.close()
-            return
-        super().connection_made(transport)
-        self._arm_head_deadline()
+    def _awaiting_head(self) -> bool:
+        raise NotImplementedError
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
-        if self._refused:
-            return
-        super().connection_lost(exc)
+    def _refuse_over_cap(self, transport: asyncio.Transport) -> bool:
+        """At connection_made: True when the connection is over the cap (then answered and closed)."""
+        if len(self.connections) < self.max_connections:
+            return False
+        self._refused, self.transport = True, transport
+        _log_refusal(len(self.connections))
+        transport.write(_raw_response(503, "too many open connections; retry later", "server_overloaded",
+                                      "service_unavailable", retry_after=True))
+        transport.close()
+        return True
 
-    def data_received(self, data: bytes) -> None:
-        if self.conn.their_state is h11.IDLE:
+    def _bytes_arrived(self) -> None:
+        """At data_received, before the protocol parses the bytes."""
+        if self._awaiting_head():
             # a new head begins (on a keep-alive connection the keep-alive timer stops here)
             self._head_started = True
             if self._head_deadline is None:
                 self._arm_head_deadline()
-        super().data_received(data)
 
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.conn.their_state is not h11.IDLE:  # the head is in: the body has a deadline of its own
-            self._disarm_head_deadline()
-            self._head_started = False
+    def _head_arrived(self) -> None:
+        """The head is in: the body has a deadline of its own."""
+        self._disarm_head_deadline()
+        self._head_started = False
 
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()
@@ -102,12 +105,86 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or not self._awaiting_head():
             return
         if self._head_started:
             self.transport.write(_raw_response(
                 408, f"the request's head did not arrive within {self.header_timeout_s:g} s", "header_timeout"))
         self.transport.close()
+
+
+class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
+    """uvicorn's httptools protocol (llhttp, in C: the cheaper one per streamed chunk) with the guards."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._guard(header_timeout_s, max_connections)
+        self._head_pending = True   # between requests or inside a head; not from a head's end to its response's
+
+    def _awaiting_head(self) -> bool:
+        return self._head_pending
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self._refuse_over_cap(transport):
+            return
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        if not self._refused:
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes_arrived()
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._head_pending:   # a pipelined request's head, behind a response still running
+            self._head_pending = self._head_started = True
+            self._arm_head_deadline()
+
+    def on_headers_complete(self) -> None:
+        self._head_pending = False
+        self._head_arrived()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        if not self.pipeline:   # else the next request's head is in already
+            self._head_pending = True
+        super().on_response_complete()
+
+
+class GuardedH11Protocol(_ConnectionGuard, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with the guards."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._guard(header_timeout_s, max_connections)
+
+    def _awaiting_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self._refuse_over_cap(transport):
+            return
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        if not self._refused:
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes_arrived()
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if not self._awaiting_head():
+            self._head_arrived()
 
 
 # A flood of refused connections logs one line a second, not one a connection.
@@ -123,11 +200,16 @@ def _log_refusal(open_connections: int) -> None:
         _REFUSALS.update(logged_at=now, since=0)
 
 
+PROTOCOLS = {"httptools": GuardedHttpToolsProtocol, "h11": GuardedH11Protocol}
+
+
 def protocol_for(settings: ServerSettings):
-    """The protocol class uvicorn's Config takes as `http`, bound to the settings' limits."""
-    def create(*args: Any, **kwargs: Any) -> GuardedH11Protocol:
-        return GuardedH11Protocol(*args, header_timeout_s=settings.header_timeout_s,
-                                  max_connections=settings.max_connections, **kwargs)
+    """The protocol class uvicorn's Config takes as `http` (`http_protocol`), bound to the settings' limits."""
+    protocol = PROTOCOLS[settings.http_protocol]
+
+    def create(*args: Any, **kwargs: Any) -> _ConnectionGuard:
+        return protocol(*args, header_timeout_s=settings.header_timeout_s, max_connections=settings.max_connections,
+                        **kwargs)
     return create
 
 
