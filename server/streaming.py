@@ -3,17 +3,21 @@ cancelling sessions when the client goes away (streaming or not)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from json.encoder import encode_basestring_ascii
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from crsm_core.engine import DoneEvent, ErrorEvent, SessionStream
 
 T = TypeVar("T")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# as Starlette's StreamingResponse wrote them (media type text/event-stream, these headers)
+SSE_RAW_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+                   (b"content-type", b"text/event-stream; charset=utf-8")]
 
 
 class ClientGone(Exception):
@@ -50,9 +54,45 @@ class MessageTemplate:
         return f"{self.head}{number}{self.middle}{json_string(text)}{self.tail}"
 
 
-def sse_response(messages: AsyncIterator[str]) -> StreamingResponse:
-    # Starlette cancels the iterator when the client disconnects; its `finally` cancels the sessions.
-    return StreamingResponse(messages, media_type="text/event-stream", headers=SSE_HEADERS)
+class SSEResponse(Response):
+    """An SSE stream as a plain ASGI response: each message string of `messages` (what arrived together)
+    in one send. Starlette's StreamingResponse does the same through an anyio task group and more work per
+    chunk; this is on the path of every streamed token. When the client disconnects the stream is
+    cancelled, and its `finally` (which cancels its sessions) has run before the response returns.
+    A Response (FastAPI passes those through), of which it uses only the status, headers and background."""
+
+    def __init__(self, messages: AsyncGenerator[str, None]):
+        self.messages = messages
+        self.status_code = 200
+        self.raw_headers = list(SSE_RAW_HEADERS)
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.ensure_future(self._stream(send))
+        listening = asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            await asyncio.wait((streaming, listening), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            streaming.cancel()
+            listening.cancel()
+            await asyncio.wait((streaming, listening))
+        if streaming.cancelled():
+            return
+        streaming.result()   # its error, for the error middleware
+        if self.background is not None:
+            await self.background()
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async with contextlib.aclosing(self.messages) as messages:   # closed now, even if a send fails
+            async for message in messages:
+                await send({"type": "http.response.body", "body": message.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def merge(sessions: list[SessionStream]) -> AsyncIterator[list[tuple[int, object]]]:
@@ -82,16 +122,11 @@ async def merge(sessions: list[SessionStream]) -> AsyncIterator[list[tuple[int, 
             task.cancel()
 
 
-async def _disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def unless_disconnected(request: Request, work: Awaitable[T], sessions: list[SessionStream]) -> T:
     """Await work; if the client disconnects first, raise ClientGone. The sessions are cancelled either
     way on exit (a no-op for finished ones), so a vanished client frees its slots at the next step."""
     work_task = asyncio.ensure_future(work)
-    gone_task = asyncio.ensure_future(_disconnect(request))
+    gone_task = asyncio.ensure_future(_until_disconnect(request.receive))
     try:
         done, _ = await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
         if work_task in done:
