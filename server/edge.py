@@ -52,15 +52,17 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # ---- the connection -------------------------------------------------------------------------------------
 
 class _ConnectionGuard:
-    """What uvicorn's protocols lack, for either of them: a deadline for a request's head and a cap on open
-    connections. A protocol says when it waits for a head (`_awaiting_head`) and calls `_head_arrived`."""
+    """What uvicorn's protocols lack, for either of them (put it before the protocol's class among the
+    bases): a deadline for a request's head and a cap on open connections. A protocol says when it waits
+    for a head (`_awaiting_head`) and calls `_head_arrived` once one is in."""
 
-    # set by the protocol classes below (uvicorn's)
+    # uvicorn's protocols set these
     connections: set
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
 
-    def _guard(self, header_timeout_s: float, max_connections: int) -> None:
+    def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         self._head_deadline: asyncio.TimerHandle | None = None
@@ -70,24 +72,29 @@ class _ConnectionGuard:
     def _awaiting_head(self) -> bool:
         raise NotImplementedError
 
-    def _refuse_over_cap(self, transport: asyncio.Transport) -> bool:
-        """At connection_made: True when the connection is over the cap (then answered and closed)."""
-        if len(self.connections) < self.max_connections:
-            return False
-        self._refused, self.transport = True, transport
-        _log_refusal(len(self.connections))
-        transport.write(_raw_response(503, "too many open connections; retry later", "server_overloaded",
-                                      "service_unavailable", retry_after=True))
-        transport.close()
-        return True
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            self._refused, self.transport = True, transport
+            _log_refusal(len(self.connections))
+            transport.write(_raw_response(503, "too many open connections; retry later", "server_overloaded",
+                                          "service_unavailable", retry_after=True))
+            transport.close()
+            return
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_head_deadline()
 
-    def _bytes_arrived(self) -> None:
-        """At data_received, before the protocol parses the bytes."""
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        if not self._refused:
+            super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
         if self._awaiting_head():
             # a new head begins (on a keep-alive connection the keep-alive timer stops here)
             self._head_started = True
             if self._head_deadline is None:
                 self._arm_head_deadline()
+        super().data_received(data)  # type: ignore[misc]
 
     def _head_arrived(self) -> None:
         """The head is in: the body has a deadline of its own."""
@@ -114,30 +121,16 @@ class _ConnectionGuard:
 
 
 class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
-    """uvicorn's httptools protocol (llhttp, in C: the cheaper one per streamed chunk) with the guards."""
+    """uvicorn's httptools protocol (llhttp, in C: the cheaper one per streamed chunk) with the guards.
+    llhttp's callbacks say where a request is: a head is awaited from the end of the last response (or
+    the opening) until its headers are complete."""
 
-    def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._guard(header_timeout_s, max_connections)
-        self._head_pending = True   # between requests or inside a head; not from a head's end to its response's
+        self._head_pending = True
 
     def _awaiting_head(self) -> bool:
         return self._head_pending
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if self._refuse_over_cap(transport):
-            return
-        super().connection_made(transport)
-        self._arm_head_deadline()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
-        if not self._refused:
-            super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self._bytes_arrived()
-        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -157,29 +150,10 @@ class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
 
 
 class GuardedH11Protocol(_ConnectionGuard, H11Protocol):
-    """uvicorn's h11 protocol (pure Python) with the guards."""
-
-    def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._guard(header_timeout_s, max_connections)
+    """uvicorn's h11 protocol (pure Python) with the guards; h11's state says where a request is."""
 
     def _awaiting_head(self) -> bool:
         return self.conn.their_state is h11.IDLE
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if self._refuse_over_cap(transport):
-            return
-        super().connection_made(transport)
-        self._arm_head_deadline()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
-        if not self._refused:
-            super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self._bytes_arrived()
-        super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()
