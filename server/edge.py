@@ -1,10 +1,11 @@
 """The server's door: what a request must get through before any route sees it.
 
 Two layers, both configured by ServerSettings:
-- `GuardedH11Protocol`, uvicorn's h11 protocol with what it lacks: a deadline for a request's head
-  (`header_timeout_s`: h11 waits for headers forever, so half-open sockets used to pile up until the file
-  descriptors ran out) and a cap on open connections (`max_connections`: one more is answered 503 and
-  closed at once, before it holds a file descriptor for long). uvicorn's own `limit_concurrency` only
+- `GuardedHttpToolsProtocol` (or, with `http_protocol` "h11", `GuardedH11Protocol`), uvicorn's protocol
+  with what it lacks: a deadline for a request's head (`header_timeout_s`: uvicorn waits for headers
+  forever, so half-open sockets used to pile up until the file descriptors ran out) and a cap on open
+  connections (`max_connections`: one more is answered 503 and closed at once, before it holds a file
+  descriptor for long). uvicorn's own `limit_concurrency` only
   answers 503 once a request's head has arrived, so it does not bound sockets that send nothing.
 - `EdgeGuard`, an ASGI middleware: the API key (`api_key`), then the body, read whole here with a size
   limit (`max_body_bytes`: a Content-Length over it is refused before a byte of the body is read, a
@@ -28,6 +29,7 @@ import h11
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import INVALID_REQUEST, error_body
 from .settings import ServerSettings
@@ -49,8 +51,15 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # ---- the connection -------------------------------------------------------------------------------------
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a head deadline and a connection cap (build it with `protocol_for`)."""
+class _ConnectionGuard:
+    """What uvicorn's protocols lack, for either of them (put it before the protocol's class among the
+    bases): a deadline for a request's head and a cap on open connections. A protocol says when it waits
+    for a head (`_awaiting_head`) and calls `_head_arrived` once one is in."""
+
+    # uvicorn's protocols set these
+    connections: set
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
     def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -60,6 +69,9 @@ class GuardedH11Protocol(H11Protocol):
         self._head_started = False  # some bytes of the pending head arrived
         self._refused = False       # over the cap: answered 503 and closed, never one of uvicorn's connections
 
+    def _awaiting_head(self) -> bool:
+        raise NotImplementedError
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.max_connections:
             self._refused, self.transport = True, transport
@@ -68,28 +80,26 @@ class GuardedH11Protocol(H11Protocol):
                                           "service_unavailable", retry_after=True))
             transport.close()
             return
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_deadline()
-        if self._refused:
-            return
-        super().connection_lost(exc)
+        if not self._refused:
+            super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
-        if self.conn.their_state is h11.IDLE:
+        if self._awaiting_head():
             # a new head begins (on a keep-alive connection the keep-alive timer stops here)
             self._head_started = True
             if self._head_deadline is None:
                 self._arm_head_deadline()
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[misc]
 
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.conn.their_state is not h11.IDLE:  # the head is in: the body has a deadline of its own
-            self._disarm_head_deadline()
-            self._head_started = False
+    def _head_arrived(self) -> None:
+        """The head is in: the body has a deadline of its own."""
+        self._disarm_head_deadline()
+        self._head_started = False
 
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()
@@ -102,12 +112,53 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or not self._awaiting_head():
             return
         if self._head_started:
             self.transport.write(_raw_response(
                 408, f"the request's head did not arrive within {self.header_timeout_s:g} s", "header_timeout"))
         self.transport.close()
+
+
+class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
+    """uvicorn's httptools protocol (llhttp, in C: the cheaper one per streamed chunk) with the guards.
+    llhttp's callbacks say where a request is: a head is awaited from the end of the last response (or
+    the opening) until its headers are complete."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._head_pending = True
+
+    def _awaiting_head(self) -> bool:
+        return self._head_pending
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._head_pending:   # a pipelined request's head, behind a response still running
+            self._head_pending = self._head_started = True
+            self._arm_head_deadline()
+
+    def on_headers_complete(self) -> None:
+        self._head_pending = False
+        self._head_arrived()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        if not self.pipeline:   # else the next request's head is in already
+            self._head_pending = True
+        super().on_response_complete()
+
+
+class GuardedH11Protocol(_ConnectionGuard, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with the guards; h11's state says where a request is."""
+
+    def _awaiting_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if not self._awaiting_head():
+            self._head_arrived()
 
 
 # A flood of refused connections logs one line a second, not one a connection.
@@ -123,11 +174,16 @@ def _log_refusal(open_connections: int) -> None:
         _REFUSALS.update(logged_at=now, since=0)
 
 
+PROTOCOLS = {"httptools": GuardedHttpToolsProtocol, "h11": GuardedH11Protocol}
+
+
 def protocol_for(settings: ServerSettings):
-    """The protocol class uvicorn's Config takes as `http`, bound to the settings' limits."""
-    def create(*args: Any, **kwargs: Any) -> GuardedH11Protocol:
-        return GuardedH11Protocol(*args, header_timeout_s=settings.header_timeout_s,
-                                  max_connections=settings.max_connections, **kwargs)
+    """The protocol class uvicorn's Config takes as `http` (`http_protocol`), bound to the settings' limits."""
+    protocol = PROTOCOLS[settings.http_protocol]
+
+    def create(*args: Any, **kwargs: Any) -> _ConnectionGuard:
+        return protocol(*args, header_timeout_s=settings.header_timeout_s, max_connections=settings.max_connections,
+                        **kwargs)
     return create
 
 

@@ -12,7 +12,7 @@ of token events.
 from __future__ import annotations
 
 import dataclasses
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from fastapi import APIRouter, Request
 
@@ -23,7 +23,7 @@ from crsm_core.tokenizer import Tokenizer
 from .errors import APIError, from_session_error
 from .runtime import runtime_of
 from .schemas import GenerateRequest, GenerateResponse, Timings, Usage
-from .streaming import sse, sse_response, unless_disconnected
+from .streaming import SSEResponse, json_string, sse, unless_disconnected
 
 router = APIRouter()
 
@@ -60,7 +60,7 @@ async def generate(body: GenerateRequest, request: Request):
     param_names = {"prompt": "token_ids"} if body.token_ids is not None else {"token_ids": "prompt"}
     [session] = await runtime.submit([gen], param_names)
     if body.stream:
-        return sse_response(_events(session, tokenizer))
+        return SSEResponse(_events(session, tokenizer))
     try:
         completion: Completion = await unless_disconnected(request, session.collect(), [session])
     except GenerationFailed as e:
@@ -73,9 +73,15 @@ async def generate(body: GenerateRequest, request: Request):
         deliberation=completion.done.deliberation)
 
 
+def token_message(event: TokenEvent) -> str:
+    """sse({"text", "token_id", "position"}, "token") written directly: it is sent once per token."""
+    return (f'event: token\ndata: {{"text":{json_string(event.text)},"token_id":{event.token_id:d},'
+            f'"position":{event.position:d}}}\n\n')
+
+
 def _message(event: object, tokenizer: Tokenizer) -> str:
     if isinstance(event, TokenEvent):
-        return sse({"text": event.text, "token_id": event.token_id, "position": event.position}, "token")
+        return token_message(event)
     if isinstance(event, DoneEvent):
         return sse(done_payload(event), "done")
     if isinstance(event, ErrorEvent):
@@ -83,7 +89,7 @@ def _message(event: object, tokenizer: Tokenizer) -> str:
     return sse(injection_payload(event, tokenizer), "injection")
 
 
-async def _events(session: SessionStream, tokenizer: Tokenizer) -> AsyncIterator[str]:
+async def _events(session: SessionStream, tokenizer: Tokenizer) -> AsyncGenerator[str, None]:
     """The session's events as SSE messages; those that arrived together are written together."""
     try:
         async for batch in session.batches():

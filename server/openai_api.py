@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from typing import AsyncGenerator, Callable
 
 from fastapi import APIRouter, Request
 
@@ -26,7 +26,7 @@ from .schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatComp
                       ChatCompletionResponse, ChatDelta, ChatMessageOut, CompletionChoice, CompletionLogprobs,
                       CompletionRequest, CompletionResponse, DetokenizeRequest, TokenLogprob, TopLogprob, DetokenizeResponse, ModelCard, ModelList,
                       TokenizeRequest, TokenizeResponse, Usage, VersionResponse, _OpenAIRequest)
-from .streaming import merge, sse, sse_response, unless_disconnected
+from .streaming import MessageTemplate, SSEResponse, merge, sse, unless_disconnected
 
 router = APIRouter()
 DONE = "data: [DONE]\n\n"
@@ -106,7 +106,7 @@ async def _collect(request: Request, sessions: list[SessionStream]) -> list[Comp
 
 async def _stream(sessions: list[SessionStream], prompts: list[list[int]], include_usage: bool,
                   chunk: Callable[[int, str | None, str | None, list[TokenEvent]], str], opening: list[str],
-                  usage_chunk: Callable[[Usage], str]) -> AsyncIterator[str]:
+                  usage_chunk: Callable[[Usage], str]) -> AsyncGenerator[str, None]:
     """chunk(index, text or None, finish_reason, the tokens it carries) -> SSE message; opening: messages
     sent first. A token whose text is held back (a UTF-8 character or a stop string pending) goes with
     the next chunk of its choice, so each token's logprobs are sent once."""
@@ -208,12 +208,20 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         offsets = [len(echoes[i // body.n]) for i in range(len(sessions))]   # of each choice's next text
 
-        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+        def render(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
             logprobs = _completion_logprobs(tokens, tokenizer, offsets[index]) if wants_logprobs else None
-            offsets[index] += len(text or "")
             choice = CompletionChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish)
             return sse(_chunk_dict(CompletionResponse(id=cid, created=created, model=model, choices=[choice]),
                                    body.include_usage))
+
+        # a token's chunk, from a template; with logprobs each chunk is rendered whole
+        token_chunk = None if wants_logprobs else MessageTemplate(lambda index, text: render(index, text, None))
+
+        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+            message = (token_chunk(index, text) if token_chunk is not None and text is not None and finish is None
+                       else render(index, text, finish, tokens))
+            offsets[index] += len(text or "")
+            return message
 
         def usage_chunk(usage: Usage) -> str:
             return sse(CompletionResponse(id=cid, created=created, model=model, choices=[], usage=usage).model_dump())
@@ -221,7 +229,7 @@ async def completions(body: CompletionRequest, request: Request):
         opening = [sse(_chunk_dict(CompletionResponse(id=cid, created=created, model=model, choices=[
             CompletionChoice(index=i, text=echoes[i // body.n], finish_reason=None)]), body.include_usage))
             for i in range(len(sessions)) if echoes[i // body.n]]
-        return sse_response(_stream(sessions, prompts, body.include_usage, chunk, opening, usage_chunk))
+        return SSEResponse(_stream(sessions, prompts, body.include_usage, chunk, opening, usage_chunk))
 
     done = await _collect(request, sessions)
     choices = [CompletionChoice(index=i, text=echoes[i // body.n] + c.text, finish_reason=c.done.finish_reason,
@@ -249,14 +257,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             c = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)
             return sse(_chunk_dict(c, body.include_usage))
 
-        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+        def render(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
             logprobs = _chat_logprobs(tokens, tokenizer) if wants_logprobs else None
             return message([ChatChunkChoice(index=index, delta=ChatDelta(content=text), logprobs=logprobs,
                                             finish_reason=finish)])
 
+        token_chunk = None if wants_logprobs else MessageTemplate(lambda index, text: render(index, text, None))
+
+        def chunk(index: int, text: str | None, finish: str | None, tokens: list[TokenEvent] = ()) -> str:
+            if token_chunk is not None and text is not None and finish is None:
+                return token_chunk(index, text)
+            return render(index, text, finish, tokens)
+
         opening = [message([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
                    for i in range(len(sessions))]
-        return sse_response(_stream(sessions, prompts, body.include_usage, chunk, opening,
+        return SSEResponse(_stream(sessions, prompts, body.include_usage, chunk, opening,
                                     lambda usage: message([], usage)))
 
     done = await _collect(request, sessions)

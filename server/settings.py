@@ -146,6 +146,8 @@ class ServerSettings(BaseModel):
     """seconds an idle keep-alive connection stays open (more than clients' pools and load balancers keep theirs)"""
     max_connections: int = Field(1024, ge=1)
     """open connections at most; one more is answered 503 and closed at once"""
+    http_protocol: Literal["httptools", "h11"] = "httptools"
+    """uvicorn's HTTP/1.1 implementation: httptools (llhttp, in C) or h11 (pure Python, about 10 us more per streamed chunk)"""
     shutdown_drain_s: float = Field(10.0, ge=0)
     """seconds running sessions get to finish on shutdown"""
     torch_threads: int | None = Field(None, ge=1)

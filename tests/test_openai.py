@@ -20,7 +20,9 @@ from crsm_core.deliberation import DELIBERATION_FILE
 from crsm_core.model import CRSMModel
 from crsm_core.tokenizer import ByteTokenizer
 from crsm_core.value import ValueHeads, ValueHeadsConfig
+from server import schemas
 from server.chat_template import CHAT_STOPS, render_chat
+from server.openai_api import _chunk_dict
 from server.settings import MAX_LAG, MAX_LATENESS
 from test_server import MODEL, LiveServer, metrics, model_dir, one_torch_thread, settings_for  # noqa: F401
 
@@ -492,3 +494,26 @@ def test_the_version_of_a_checkout_that_is_not_installed(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     pyproject = tomllib.loads((Path(runtime.__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert runtime._server_version() == pyproject["project"]["version"]
+
+
+# ---- the wire -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, model, include_usage", [
+    ("/v1/chat/completions", "ChatCompletionChunk", False), ("/v1/chat/completions", "ChatCompletionChunk", True),
+    ("/v1/completions", "CompletionResponse", False), ("/v1/completions", "CompletionResponse", True)])
+def test_streamed_chunks_are_written_as_their_schema_renders_them(live, path, model, include_usage):
+    """Every chunk on the wire, byte for byte, is its schema's rendering of itself (the per-token chunks
+    are written from a template: server/streaming.py)."""
+    prompt = {"messages": MESSAGES} if path.startswith("/v1/chat") else {"prompt": "hi"}
+    body = {"model": MODEL, **prompt, "max_tokens": 24, "n": 2, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": include_usage}}
+    raw = httpx.post(live.url + path, json=body, timeout=60).text
+    messages = raw.split("\n\n")
+    assert messages[-2:] == ["data: [DONE]", ""]
+    chunks = [m.removeprefix("data: ") for m in messages[:-2]]
+    assert len(chunks) > 4
+    for i, chunk in enumerate(chunks):
+        parsed = getattr(schemas, model).model_validate_json(chunk)
+        usage_chunk = include_usage and i == len(chunks) - 1
+        expected = parsed.model_dump() if usage_chunk else _chunk_dict(parsed, include_usage)
+        assert chunk == json.dumps(expected, separators=(",", ":"))

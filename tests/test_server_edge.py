@@ -26,11 +26,13 @@ TIMEOUT_S = 1.0   # the head and body deadlines of the guarded server
 SOCKET_WAIT_S = 30.0  # how long a raw socket waits for the server; far beyond every deadline above
 
 
-@pytest.fixture(scope="module")
-def guarded(model_dir) -> Iterator[LiveServer]:
-    """A server with every door limit set low: an API key, a 64 KiB body, 1 s deadlines, 8 connections."""
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def guarded(model_dir, request) -> Iterator[LiveServer]:
+    """A server with every door limit set low: an API key, a 64 KiB body, 1 s deadlines, 8 connections; with
+    each of uvicorn's protocols (the guards are written for both: server/edge.py)."""
     server = LiveServer(settings_for(model_dir, api_key=KEY, max_body_bytes=SMALL_BODY, header_timeout_s=TIMEOUT_S,
-                                     body_timeout_s=TIMEOUT_S, keep_alive_s=TIMEOUT_S, max_connections=8)).start()
+                                     body_timeout_s=TIMEOUT_S, keep_alive_s=TIMEOUT_S, max_connections=8,
+                                     http_protocol=request.param)).start()
     yield server
     server.stop()
 

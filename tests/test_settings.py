@@ -106,7 +106,7 @@ def test_the_settings_table_in_the_docs_names_every_setting():
 
 def test_literal_settings_are_choices():
     literal = [s for s in settings_fields() if get_origin(s.annotation) is Literal]
-    assert [s.name for s in literal] == ["backbone", "planner_mode"]
+    assert [s.name for s in literal] == ["http_protocol", "backbone", "planner_mode"]
     for flag in ("--planner-mode", "--backbone"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", flag, "wild"])
