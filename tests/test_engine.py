@@ -1,6 +1,7 @@
 """The engine without HTTP: batched decoding equals one-at-a-time decoding, chunked prefill interleaves
 with decoding, stop/eos/length, cancellation, the bounded queue and shutdown."""
 import asyncio
+import time
 from dataclasses import replace
 
 import pytest
@@ -191,6 +192,39 @@ async def test_full_queue_refuses_and_cancelled_waiters_leave(model):
         assert engine.num_waiting == 0
         running.cancel()
         await running.collect()
+    finally:
+        await engine.shutdown()
+
+
+async def test_sessions_opened_together_are_admitted_in_one_iteration(model):
+    # 16 clients' requests reaching `open` in one pass of the event loop (a burst through the server), each
+    # after some blocking work of its own, as the front end's parsing and validation are, which lets the
+    # generator run in between: all are queued with one wake-up at the pass's end, so none is prefilled
+    # alone while the others wait. The first tokens of one decode round share its timestamp.
+    engine = await run_engine(model, EngineConfig(max_sessions=16, prefill_chunk=256))
+
+    async def arrive(i: int):
+        time.sleep(0.002)
+        return await engine.open([request(f"client {i:02d}", 3, seed=i, ignore_eos=True)])
+
+    try:
+        opened = await asyncio.gather(*(arrive(i) for i in range(16)))
+        sessions = [s for [s] in opened]
+        await asyncio.gather(*(s.collect() for s in sessions))
+        assert len({s.token_times[0] for s in sessions}) == 1
+    finally:
+        await engine.shutdown()
+
+
+async def test_opens_of_one_pass_are_refused_each_on_its_own(model):
+    # queued together, but all or none per request: the one that does not fit is refused, the others run
+    engine = await run_engine(model, EngineConfig(max_sessions=1, queue_size=2))
+    try:
+        results = await asyncio.gather(*(engine.open([request(f"r{i}", 2, ignore_eos=True)]) for i in range(3)),
+                                       engine.open([request([1, 2, 999], 2)]), return_exceptions=True)
+        assert isinstance(results[2], QueueFull) and isinstance(results[3], RequestError)
+        for [session] in results[:2]:
+            assert (await session.collect()).done.finish_reason == "length"
     finally:
         await engine.shutdown()
 
