@@ -21,9 +21,8 @@ core, whatever the number of streams, and from the front end one per cancellatio
 event loop for the requests opened in it. Opening them one message each was a round trip per request, in
 series through the core's main thread, which takes the GIL back from the generator after each read and
 each write (milliseconds when the generator is busy): 16 clients arriving together waited for each
-other's round trips. Messages
-cross between two processes of this package only, so pickle is safe; the requests and events are
-frozen dataclasses of plain values.
+other's round trips. Messages cross between two processes of this package only, so pickle is safe; the
+requests and events are frozen dataclasses of plain values.
 
 The core validates what it is sent (`Engine.validate` needs the planner's memory budget, which only the
 core knows), so opening sessions is a round trip: the front end awaits the "opened" reply and raises the
