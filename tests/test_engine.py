@@ -2,11 +2,13 @@
 with decoding, stop/eos/length, cancellation, the bounded queue and shutdown."""
 import asyncio
 import time
+import weakref
 from dataclasses import replace
 
 import pytest
 import torch
 
+from crsm_core import engine_core
 from crsm_core.backbone import MambaLM
 from crsm_core.config import tiny_config
 from crsm_core.deliberation import DeliberationConfig
@@ -227,6 +229,23 @@ async def test_opens_of_one_pass_are_refused_each_on_its_own(model):
             assert (await session.collect()).done.finish_reason == "length"
     finally:
         await engine.shutdown()
+
+
+def test_an_open_message_of_the_engine_core_queues_its_requests_together(model):
+    # the front end's requests of one pass of its loop, in one message: each all or none, answered per ticket
+    engine = Engine(model, TOKENIZER, EngineConfig(max_sessions=1, queue_size=2))   # not started: all wait
+    sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+    batch = [(0, ["a"], [request("a", 2)]), (1, ["b", "c"], [request("b", 2), request("c", 2)]),
+             (2, ["d"], [request([1, 999], 2)]), (3, ["e"], [request("e", 2)])]
+    try:
+        replies = engine_core._open(engine, batch, sessions)
+        assert [ticket for ticket, _ in replies] == [0, 1, 2, 3]
+        refusals = [refusal for _, refusal in replies]
+        assert refusals[0] is None and isinstance(refusals[1], QueueFull)
+        assert isinstance(refusals[2], RequestError) and refusals[3] is None
+        assert engine.num_waiting == 2 and set(sessions) == {"a", "e"}
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("req, param", [
