@@ -414,6 +414,8 @@ class Engine:
         self._listener = listener
         self._sink = sink or LoopSink()
         self._outbox: list[tuple[Session, object]] = []   # generator thread only: this iteration's events
+        # event loop side: sessions opened in this pass of each loop, queued at its end (`open`)
+        self._opening: dict[asyncio.AbstractEventLoop, list[tuple[list[Session], asyncio.Future]]] = {}
         self._planner_runtime: PlannerRuntime | None = None   # owned (closed at shutdown) when set
         self.planner_mode = resolve_planner_mode(config.planner_mode, self.device)
         n = config.max_sessions
@@ -542,13 +544,48 @@ class Engine:
 
     async def open(self, requests: list[GenerationRequest]) -> list[Session]:
         """`submit_all`, as the server opens sessions of either engine: this one, or the one in a process
-        of its own (engine_core.EngineCoreClient.open, a round trip)."""
-        return self.submit_all(requests)
+        of its own (engine_core.EngineCoreClient.open, a round trip). The requests opened in one pass of
+        the event loop are queued together at its end, with one wake-up of the generator: clients arriving
+        together are admitted in one iteration, not the first alone while the others wait for its prefill."""
+        loop = asyncio.get_running_loop()
+        sessions = self.sessions_of(requests, loop)     # RequestError to this caller, now
+        pending = self._opening.setdefault(loop, [])
+        if not pending:
+            loop.call_soon(self._open_pending, loop)
+        queued = loop.create_future()
+        pending.append((sessions, queued))
+        try:
+            await queued
+        except asyncio.CancelledError:   # queued or not, sessions nobody reads leave
+            for session in sessions:
+                session.cancel()
+            raise
+        return sessions
+
+    def _open_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending = self._opening.pop(loop)
+        for (_, queued), refusal in zip(pending, self.queue([sessions for sessions, _ in pending])):
+            if queued.done():   # its caller was cancelled
+                continue
+            if refusal is None:
+                queued.set_result(None)
+            else:
+                queued.set_exception(refusal)
 
     def enqueue(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop | None,
                 session_ids: list[str] | None = None) -> list[Session]:
         """`submit_all` from any thread; the events go to `loop`, or with None to the engine's sink alone
         (the engine core process), under the given ids."""
+        sessions = self.sessions_of(requests, loop, session_ids)
+        [refusal] = self.queue([sessions])
+        if refusal is not None:
+            raise refusal
+        return sessions
+
+    def sessions_of(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop | None,
+                    session_ids: list[str] | None = None) -> list[Session]:
+        """The validated sessions of one request, not yet queued (`queue`). Raises RequestError (a request
+        that could never be queued whole too: it is not worth retrying)."""
         c = self.config
         if len(requests) > min(c.max_request_sessions, c.queue_size):
             limit = (f"a request may start at most {c.max_request_sessions} sessions (n x prompts)"
@@ -557,15 +594,23 @@ class Engine:
         for request in requests:
             self.validate(request)
         ids = session_ids or [None] * len(requests)
-        sessions = [Session(r, loop, self, self.tokenizer, i) for r, i in zip(requests, ids)]
+        return [Session(r, loop, self, self.tokenizer, i) for r, i in zip(requests, ids)]
+
+    def queue(self, groups: list[list[Session]]) -> list[EngineClosed | QueueFull | None]:
+        """Queue each group of sessions whole or not at all, in order, under one lock and with one wake-up
+        of the generator (any thread). Returns each group's refusal, or None where it was queued."""
+        refusals: list[EngineClosed | QueueFull | None] = []
         with self._cond:
-            if not self._accepting:
-                raise EngineClosed("the server is shutting down")
-            if len(self._waiting) + len(sessions) > self.config.queue_size:
-                raise QueueFull(len(self._waiting), self.config.retry_after_s)
-            self._waiting.extend(sessions)
+            for sessions in groups:
+                if not self._accepting:
+                    refusals.append(EngineClosed("the server is shutting down"))
+                elif len(self._waiting) + len(sessions) > self.config.queue_size:
+                    refusals.append(QueueFull(len(self._waiting), self.config.retry_after_s))
+                else:
+                    self._waiting.extend(sessions)
+                    refusals.append(None)
             self._cond.notify()
-        return sessions
+        return refusals
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """`stop`, off the event loop."""

@@ -7,8 +7,8 @@ issue 15). In a process of its own the generator never waits for the front end's
 its engine core out of the API server for the same reason.
 
     front end (the server's event loop)                    engine core (a spawned process)
-    EngineCoreClient.open  --- ("open", ticket, ids, requests) -->  reader thread: Engine.enqueue
-                           <-- ("opened", ticket, refusal, load) --
+    EngineCoreClient.open  --- ("open", [(ticket, ids, requests)]) -->  main thread: Engine.queue
+                           <-- ("opened", [(ticket, refusal)], load) --
     RemoteSession.cancel   --- ("cancel", ids) ------------------->  Session.cancel: the session leaves
                                                                     before the generator's next step
     reader thread          <-- ("batch", metrics, events, load) --  the generator: one message per
@@ -17,9 +17,12 @@ its engine core out of the API server for the same reason.
                            <-- ("stopped",) ---------------------
 
 One duplex pipe (a socket pair) carries pickled messages: at most one per generator iteration from the
-core, whatever the number of streams, and one per request or cancellation from the front end. Messages
-cross between two processes of this package only, so pickle is safe; the requests and events are
-frozen dataclasses of plain values.
+core, whatever the number of streams, and from the front end one per cancellation and one per pass of its
+event loop for the requests opened in it. Opening them one message each was a round trip per request, in
+series through the core's main thread, which takes the GIL back from the generator after each read and
+each write (milliseconds when the generator is busy): 16 clients arriving together waited for each
+other's round trips. Messages cross between two processes of this package only, so pickle is safe; the
+requests and events are frozen dataclasses of plain values.
 
 The core validates what it is sent (`Engine.validate` needs the planner's memory budget, which only the
 core knows), so opening sessions is a round trip: the front end awaits the "opened" reply and raises the
@@ -172,14 +175,7 @@ def run_core(conn: multiprocessing.connection.Connection, spec: CoreSpec) -> Non
             break   # the front end died
         kind = message[0]
         if kind == "open":
-            _, ticket, ids, requests = message
-            try:
-                for session in engine.enqueue(requests, None, ids):
-                    sessions[session.id] = session
-                refusal = None
-            except Exception as e:   # RequestError, QueueFull, EngineClosed: the front end raises it
-                refusal = e
-            outlet.send(("opened", ticket, refusal, outlet.load()))
+            outlet.send(("opened", _open(engine, message[1], sessions), outlet.load()))
         elif kind == "cancel":
             for session_id in message[1]:
                 session = sessions.get(session_id)
@@ -199,6 +195,24 @@ def run_core(conn: multiprocessing.connection.Connection, spec: CoreSpec) -> Non
     else:
         stopper.join()
     log.info("engine core stopped")
+
+
+def _open(engine: Engine, batch: list[tuple[int, list[str], list[GenerationRequest]]],
+          sessions: weakref.WeakValueDictionary[str, Session]) -> list[tuple[int, Exception | None]]:
+    """The requests of one "open" message, queued together (one wake-up of the generator, so that they
+    are admitted in one iteration); each ticket's refusal, or None."""
+    tickets, groups, refusals = [], [], {}
+    for ticket, ids, requests in batch:
+        try:
+            groups.append(engine.sessions_of(requests, None, ids))
+            tickets.append(ticket)
+        except Exception as e:   # RequestError (the planner's checks too): the front end raises it
+            refusals[ticket] = e
+    for ticket, group, refusal in zip(tickets, groups, engine.queue(groups)):
+        refusals[ticket] = refusal
+        if refusal is None:
+            sessions.update((session.id, session) for session in group)
+    return [(ticket, refusals[ticket]) for ticket, _, _ in batch]
 
 
 # ---- the front end's side -------------------------------------------------------------------------------
@@ -236,6 +250,7 @@ class EngineCoreClient:
         self._sessions: dict[str, RemoteSession] = {}
         self._tickets = itertools.count()
         self._opening: dict[int, asyncio.Future] = {}
+        self._outgoing: list[tuple[int, list[str], list[GenerationRequest]]] = []   # opens not yet sent
         self._stopped: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: multiprocessing.connection.Connection | None = None
@@ -311,7 +326,9 @@ class EngineCoreClient:
         # registered before the core sees them: their first events may come before the reply
         self._sessions.update((s.id, s) for s in sessions)
         reply = self._opening[ticket] = self._loop.create_future()
-        self._send(("open", ticket, [s.id for s in sessions], requests))
+        if not self._outgoing:   # one message for the requests opened in this pass of the loop (module doc)
+            self._loop.call_soon(self._send_opens)
+        self._outgoing.append((ticket, [s.id for s in sessions], requests))
         try:
             refusal = await reply
         finally:
@@ -349,6 +366,10 @@ class EngineCoreClient:
 
     # ---- the channel ---------------------------------------------------------------------------------
 
+    def _send_opens(self) -> None:
+        batch, self._outgoing = self._outgoing, []
+        self._send(("open", batch))
+
     def _send(self, message: tuple) -> None:
         """On the event loop (the only sender of the front end)."""
         if self.lost:
@@ -382,9 +403,9 @@ class EngineCoreClient:
                             self._listener.session_ended(payload)
                 loop.call_soon_threadsafe(self._dispatch, events)
             elif kind == "opened":
-                _, ticket, refusal, load = message
+                _, replies, load = message
                 self._load = load
-                loop.call_soon_threadsafe(self._opened, ticket, refusal)
+                loop.call_soon_threadsafe(self._opened, replies)
             elif kind == "stopped":
                 loop.call_soon_threadsafe(self._set_stopped)
         if not loop.is_closed():
@@ -400,10 +421,11 @@ class EngineCoreClient:
                 del self._sessions[session_id]
             session.events.put_nowait(event)
 
-    def _opened(self, ticket: int, refusal: Exception | None) -> None:
-        future = self._opening.get(ticket)
-        if future is not None and not future.done():
-            future.set_result(refusal)
+    def _opened(self, replies: list[tuple[int, Exception | None]]) -> None:
+        for ticket, refusal in replies:
+            future = self._opening.get(ticket)
+            if future is not None and not future.done():
+                future.set_result(refusal)
 
     def _set_stopped(self) -> None:
         assert self._stopped is not None

@@ -1,11 +1,14 @@
 """The engine without HTTP: batched decoding equals one-at-a-time decoding, chunked prefill interleaves
 with decoding, stop/eos/length, cancellation, the bounded queue and shutdown."""
 import asyncio
+import time
+import weakref
 from dataclasses import replace
 
 import pytest
 import torch
 
+from crsm_core import engine_core
 from crsm_core.backbone import MambaLM
 from crsm_core.config import tiny_config
 from crsm_core.deliberation import DeliberationConfig
@@ -193,6 +196,56 @@ async def test_full_queue_refuses_and_cancelled_waiters_leave(model):
         await running.collect()
     finally:
         await engine.shutdown()
+
+
+async def test_sessions_opened_together_are_admitted_in_one_iteration(model):
+    # 16 clients' requests reaching `open` in one pass of the event loop (a burst through the server), each
+    # after some blocking work of its own, as the front end's parsing and validation are, which lets the
+    # generator run in between: all are queued with one wake-up at the pass's end, so none is prefilled
+    # alone while the others wait. The first tokens of one decode round share its timestamp.
+    engine = await run_engine(model, EngineConfig(max_sessions=16, prefill_chunk=256))
+
+    async def arrive(i: int):
+        time.sleep(0.002)
+        return await engine.open([request(f"client {i:02d}", 3, seed=i, ignore_eos=True)])
+
+    try:
+        opened = await asyncio.gather(*(arrive(i) for i in range(16)))
+        sessions = [s for [s] in opened]
+        await asyncio.gather(*(s.collect() for s in sessions))
+        assert len({s.token_times[0] for s in sessions}) == 1
+    finally:
+        await engine.shutdown()
+
+
+async def test_opens_of_one_pass_are_refused_each_on_its_own(model):
+    # queued together, but all or none per request: the one that does not fit is refused, the others run
+    engine = await run_engine(model, EngineConfig(max_sessions=1, queue_size=2))
+    try:
+        results = await asyncio.gather(*(engine.open([request(f"r{i}", 2, ignore_eos=True)]) for i in range(3)),
+                                       engine.open([request([1, 2, 999], 2)]), return_exceptions=True)
+        assert isinstance(results[2], QueueFull) and isinstance(results[3], RequestError)
+        for [session] in results[:2]:
+            assert (await session.collect()).done.finish_reason == "length"
+    finally:
+        await engine.shutdown()
+
+
+def test_an_open_message_of_the_engine_core_queues_its_requests_together(model):
+    # the front end's requests of one pass of its loop, in one message: each all or none, answered per ticket
+    engine = Engine(model, TOKENIZER, EngineConfig(max_sessions=1, queue_size=2))   # not started: all wait
+    sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+    batch = [(0, ["a"], [request("a", 2)]), (1, ["b", "c"], [request("b", 2), request("c", 2)]),
+             (2, ["d"], [request([1, 999], 2)]), (3, ["e"], [request("e", 2)])]
+    try:
+        replies = engine_core._open(engine, batch, sessions)
+        assert [ticket for ticket, _ in replies] == [0, 1, 2, 3]
+        refusals = [refusal for _, refusal in replies]
+        assert refusals[0] is None and isinstance(refusals[1], QueueFull)
+        assert isinstance(refusals[2], RequestError) and refusals[3] is None
+        assert engine.num_waiting == 2 and set(sessions) == {"a", "e"}
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("req, param", [

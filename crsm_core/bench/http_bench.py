@@ -1,11 +1,14 @@
-"""Section "http": the real server on loopback, streamed by httpx clients in this process.
+"""Section "http": the real server on loopback, streamed by clients in this process.
 
 The server is handed in (`BenchServer`; crsm/bench_server.py starts the real one, `crsm serve` in a
 process of its own, on the workload's model saved to a directory), since the core does not import the
 server. It is measured in both designs (`HTTP_DESIGNS`): the engine in the server's process, and the engine
 in a process of its own (`--engine-process`). The clients run on this process's event loop, so that
-their own Python never holds the server's interpreter. Timestamps are the clients': the moment each SSE
-`token` event is read.
+their own Python never holds the server's interpreter. They are a load generator's (sse_client.py): one
+keep-alive connection per stream, opened and warmed before the clock starts, each request's bytes built
+beforehand, so that what is measured is the server, not the client's connection set-up or its HTTP
+library. Timestamps are the clients': a request's is taken as its bytes are written, a token's as the
+chunk holding its SSE `token` event is read.
 
 Measured per design: time to first token and ITL with 1, 16 and 64 streaming clients arriving together;
 then the long-prompt test: 16 streams running, a 4,096-token prompt submitted, and the 16 streams' gaps
@@ -14,17 +17,15 @@ during the window from its submission to its first token, against the same strea
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
-
-import httpx
+from urllib.parse import urlsplit
 
 from .engine_bench import release_device_memory
 from .settings import HTTP_DESIGNS
 from .results import HttpDesign, HttpResult, LongPromptResult, StreamRun
+from .sse_client import ConnectionPool, SseConnection, StreamRecord, body
 from .stats import LatencyStats, gaps, pooled_gaps, steady_tokens_per_s, window_gaps
 from .workload import Workload
 
@@ -50,54 +51,22 @@ class BenchServer(Protocol):
 ServerFactory = Callable[[Workload, str], BenchServer]   # (workload, design)
 
 
-@dataclass
-class StreamRecord:
-    """What one client saw: token timestamps (client clock) and the final event."""
-    sent_at: float = 0.0
-    token_times: list[float] = field(default_factory=list)
-    done: dict | None = None
+async def _streams(connections: list[SseConnection], requests: list[dict], records: list[StreamRecord]) -> None:
+    """The requests, one per connection, all sent in one pass of the event loop (bytes built first)."""
+    messages = [c.request_bytes(r) for c, r in zip(connections, requests)]
+    await asyncio.wait_for(asyncio.gather(*(c.stream(m, r) for c, m, r in zip(connections, messages, records))),
+                           PHASE_TIMEOUT_S)
 
 
-def body(prompt: tuple[int, ...], max_tokens: int) -> dict:
-    return {"token_ids": list(prompt), "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-            "temperature": 0.0}
-
-
-async def stream(client: httpx.AsyncClient, request: dict, record: StreamRecord,
-                 stop: asyncio.Event | None = None) -> StreamRecord:
-    """POST /v1/generate with stream: true and read its SSE events until `done` (or until `stop` is set:
-    then the connection is closed, which cancels the session on the server)."""
-    record.sent_at = time.perf_counter()
-    async with client.stream("POST", "/v1/generate", json=request) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"/v1/generate answered {response.status_code}: {(await response.aread())[:500]!r}")
-        event = "message"
-        async for line in response.aiter_lines():
-            if line.startswith("event:"):
-                event = line[len("event:"):].strip()
-            elif line.startswith("data:"):
-                if event == "token":
-                    record.token_times.append(time.perf_counter())
-                    if stop is not None and stop.is_set():
-                        return record
-                elif event == "done":
-                    record.done = json.loads(line[len("data:"):])
-                elif event == "error":
-                    raise RuntimeError(f"the server ended a stream with an error: {line}")
-            elif line == "":
-                event = "message"
-    if stop is None and record.done is None:
-        raise RuntimeError("a stream ended without its done event")
-    return record
-
-
-async def streaming_run(client: httpx.AsyncClient, workload: Workload, clients: int, salt: int) -> StreamRun:
+async def streaming_run(pool: ConnectionPool, workload: Workload, clients: int, salt: int) -> StreamRun:
     s = workload.settings
     records = [StreamRecord() for _ in range(clients)]
+    connections = await pool.take(clients)
+    requests = [body(p, s.tokens) for p in workload.prompts(clients, salt=salt)]
     start = time.perf_counter()
-    await asyncio.gather(*(stream(client, body(p, s.tokens), r) for p, r in zip(workload.prompts(clients, salt=salt),
-                                                                                 records)))
+    await _streams(connections, requests, records)
     wall = time.perf_counter() - start
+    pool.give_back(connections)
     for r in records:
         completion = r.done["usage"]["completion_tokens"]
         if len(r.token_times) != s.tokens or completion != s.tokens:
@@ -118,14 +87,17 @@ async def _wait_until(predicate, what: str, timeout: float = PHASE_TIMEOUT_S) ->
         await asyncio.sleep(0.001)
 
 
-async def long_prompt_run(client: httpx.AsyncClient, workload: Workload, prefill_chunk: int) -> LongPromptResult:
+async def long_prompt_run(pool: ConnectionPool, workload: Workload, prefill_chunk: int) -> LongPromptResult:
     """16 streams running; a long prompt arrives; the streams' gaps while it is prefilled."""
     s = workload.settings
     n, before_tokens = s.long_prompt_streams, s.warmup_gaps + max(s.tokens // 2, 3)
     records = [StreamRecord() for _ in range(n)]
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(stream(client, body(p, ENDLESS), r, stop))
-             for p, r in zip(workload.prompts(n, salt=700), records)]
+    *connections, long_connection = await pool.take(n + 1)
+    [long_prompt] = workload.prompts(1, length=s.long_prompt_tokens, salt=701)
+    long_request = long_connection.request_bytes(body(long_prompt, 2))
+    tasks = [asyncio.create_task(c.stream(c.request_bytes(body(p, ENDLESS)), r, stop))
+             for c, p, r in zip(connections, workload.prompts(n, salt=700), records)]
     long_record = StreamRecord()
     try:
         await _wait_until(lambda: all(len(r.token_times) >= before_tokens for r in records) or
@@ -134,8 +106,7 @@ async def long_prompt_run(client: httpx.AsyncClient, workload: Workload, prefill
             if t.done():
                 t.result()
         submitted = time.perf_counter()
-        [long_prompt] = workload.prompts(1, length=s.long_prompt_tokens, salt=701)
-        long_task = asyncio.create_task(stream(client, body(long_prompt, 2), long_record))
+        long_task = asyncio.create_task(long_connection.stream(long_request, long_record))
         await _wait_until(lambda: bool(long_record.token_times) or long_task.done(), "the long prompt's first token")
         if not long_record.token_times:
             long_task.result()
@@ -146,6 +117,7 @@ async def long_prompt_run(client: httpx.AsyncClient, workload: Workload, prefill
         await _wait_until(lambda: all(len(r.token_times) > c for r, c in zip(records, counts)),
                           "the streams after the window")
         await long_task
+        pool.give_back([long_connection])   # the streams' connections were closed to stop them
     finally:
         stop.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -164,24 +136,31 @@ async def long_prompt_run(client: httpx.AsyncClient, workload: Workload, prefill
 
 async def _measure(workload: Workload, server: BenchServer, design: str) -> HttpDesign:
     s = workload.settings
-    limits = httpx.Limits(max_connections=4 * s.max_sessions, max_keepalive_connections=4 * s.max_sessions)
-    async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(PHASE_TIMEOUT_S), limits=limits) as client:
-        log.info("http (%s): warm-up (short streams and one %d-token prompt)", design, s.long_prompt_tokens)
+    url = urlsplit(server.url)
+    pool = ConnectionPool(url.hostname, url.port)
+    try:
+        # every connection a run takes is open and has carried a stream before the clock starts
+        connections = await pool.take(max(max(s.http_clients), s.long_prompt_streams + 1))
+        log.info("http (%s): warm-up (short streams on %d connections and one %d-token prompt)", design,
+                 len(connections), s.long_prompt_tokens)
         [long_prompt] = workload.prompts(1, length=s.long_prompt_tokens, salt=800)
-        await asyncio.gather(stream(client, body(long_prompt, 2), StreamRecord()),
-                             *(stream(client, body(p, s.warmup_gaps + 4), StreamRecord())
-                               for p in workload.prompts(max(s.http_clients), salt=801)))
+        warm = [body(long_prompt, 2)] + [body(p, s.warmup_gaps + 4)
+                                         for p in workload.prompts(len(connections) - 1, salt=801)]
+        await _streams(connections, warm, [StreamRecord() for _ in warm])
+        pool.give_back(connections)
         runs = []
         for salt, clients in enumerate(s.http_clients):
-            run = await streaming_run(client, workload, clients, salt=810 + salt)
+            run = await streaming_run(pool, workload, clients, salt=810 + salt)
             log.info("http (%s): %d clients: TTFT p50 %.2f ms, ITL p50 %.3f ms, p99 %.3f ms, %.0f tokens/s", design,
                      clients, run.ttft.p50_ms, run.itl.p50_ms, run.itl.p99_ms, run.tokens_per_s)
             runs.append(run)
         settings = server.settings()
-        long_prompt_result = await long_prompt_run(client, workload, settings["prefill_chunk"])
+        long_prompt_result = await long_prompt_run(pool, workload, settings["prefill_chunk"])
         log.info("http (%s): long prompt (%d tokens) under %d streams: ITL p99 %.3f ms before, %.3f ms during (x%.2f)",
                  design, s.long_prompt_tokens, s.long_prompt_streams, long_prompt_result.itl_before.p99_ms,
                  long_prompt_result.itl_during.p99_ms, long_prompt_result.p99_ratio)
+    finally:
+        pool.close()
     return HttpDesign(design=design, server=settings, runs=runs, long_prompt=long_prompt_result)
 
 

@@ -219,9 +219,11 @@ def render_markdown(run: BenchRun) -> str:
              "The same engine with planners off, then on, back to back, per planner mode.", "",
              *_deliberation(run), "", "#### End to end over HTTP", "",
              "`crsm serve` in a process of its own on the same model (saved to a directory), with the engine "
-             "in the server's process (one-process) or in its own (engine-process, `--engine-process`); httpx "
-             "clients in the benchmark's process stream SSE `/v1/generate`, all clients of a row arriving "
-             "together; client-side timestamps of each `token` event. \"vs the engine\": the engine section's "
+             "in the server's process (one-process) or in its own (engine-process, `--engine-process`); "
+             "clients in the benchmark's process stream SSE `/v1/generate` as a load generator does (one "
+             "keep-alive connection per stream, opened and warmed before the clock starts, request bytes built "
+             "beforehand), all clients of a row arriving together; client-side timestamps: a request's as its "
+             "bytes are written, a token's as the chunk holding its `token` event is read. \"vs the engine\": the engine section's "
              "greedy run of the same concurrency in this run.", "", *_http(run)]
     if run.files.get("plot"):
         lines += ["", f"Plot: `{PLOT}` in the run's output directory (ITL p50 and p99 against concurrent sessions)."]
