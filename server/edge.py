@@ -29,7 +29,7 @@ import h11
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .errors import INVALID_REQUEST, error_body
 from .settings import ServerSettings
@@ -128,9 +128,19 @@ class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._head_pending = True
+        self._cycles: list[RequestResponseCycle] = []   # this connection's requests not answered yet
 
     def _awaiting_head(self) -> bool:
         return self._head_pending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn tells only the newest request that the client is gone: with one pipelined behind a
+        # stream, the stream never heard of it and kept its session, writing into a closed socket
+        for cycle in self._cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -142,6 +152,7 @@ class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
         self._head_pending = False
         self._head_arrived()
         super().on_headers_complete()
+        self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete] + [self.cycle]
 
     def on_response_complete(self) -> None:
         if not self.pipeline:   # else the next request's head is in already
