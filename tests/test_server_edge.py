@@ -278,6 +278,26 @@ def test_a_client_that_leaves_with_a_request_pipelined_behind_a_stream_frees_its
     wait_for(lambda: gauge(guarded.url, "crsm_running_sessions") == 0, 10.0)
 
 
+def test_a_pipelined_head_the_server_has_not_read_yet_is_not_cut_off_by_the_head_deadline(guarded):
+    """Behind a queued request the server reads nothing until the responses before it are done, so the
+    rest of a head sent in time waits unread; its deadline is not the client's fault, and a 408 written
+    then would land inside the running stream's body."""
+    third = generate_request({"prompt": "c", "max_tokens": 2})
+    with connect(guarded.url) as sock:
+        sock.sendall(generate_request(STREAM))
+        read_tokens(sock, 1)
+        sock.sendall(generate_request({"prompt": "b", "max_tokens": 2}) + third[:20])
+        sock.sendall(third[20:])   # in time, but not read while the second request waits
+        streamed = b""
+        until = time.monotonic() + 3 * TIMEOUT_S
+        while time.monotonic() < until:
+            chunk = sock.recv(65536)
+            assert chunk, f"the stream was cut off: {streamed[-300:]!r}"
+            streamed += chunk
+    assert b"HTTP/1.1 408" not in streamed
+    wait_for(lambda: gauge(guarded.url, "crsm_running_sessions") == 0, 10.0)
+
+
 def test_crsm_serve_has_the_door_settings():
     names = {"api_key", "max_body_bytes", "header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections",
              "default_chat_max_tokens"}
