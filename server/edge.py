@@ -29,7 +29,7 @@ import h11
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .errors import INVALID_REQUEST, error_body
 from .settings import ServerSettings
@@ -123,30 +123,46 @@ class _ConnectionGuard:
 class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
     """uvicorn's httptools protocol (llhttp, in C: the cheaper one per streamed chunk) with the guards.
     llhttp's callbacks say where a request is: a head is awaited from the end of the last response (or
-    the opening) until its headers are complete."""
+    the opening) until its headers are complete. A head pipelined behind a response still running gets its
+    deadline once the responses are done, as with h11: until then uvicorn may not be reading it."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._head_pending = True
+        self._cycles: list[RequestResponseCycle] = []   # this connection's requests not answered yet
 
     def _awaiting_head(self) -> bool:
-        return self._head_pending
+        return self._head_pending and not self._responding()
+
+    def _responding(self) -> bool:
+        # behind a queued request uvicorn pauses reading, so a pipelined head may sit unread meanwhile
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn tells only the newest request that the client is gone: with one pipelined behind a
+        # stream, the stream never heard of it and kept its session, writing into a closed socket
+        for cycle in self._cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if not self._head_pending:   # a pipelined request's head, behind a response still running
-            self._head_pending = self._head_started = True
-            self._arm_head_deadline()
+        self._head_pending = self._head_started = True   # behind a running response: its deadline comes later
 
     def on_headers_complete(self) -> None:
         self._head_pending = False
         self._head_arrived()
         super().on_headers_complete()
+        self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete] + [self.cycle]
 
     def on_response_complete(self) -> None:
-        if not self.pipeline:   # else the next request's head is in already
-            self._head_pending = True
+        if not self.pipeline and not self._head_pending:   # nothing of a next request is in
+            self._head_pending, self._head_started = True, False
         super().on_response_complete()
+        if self._awaiting_head() and self._head_started and not self.transport.is_closing():
+            self._arm_head_deadline()   # a pipelined head began meanwhile: its deadline starts now
 
 
 class GuardedH11Protocol(_ConnectionGuard, H11Protocol):

@@ -18,7 +18,8 @@ from crsm_core.deliberation import DeliberationConfig
 from crsm_core.tokenizer import ByteTokenizer
 from server.runtime import LONG_TEXT_CHARS, load_model
 from server.settings import RequestDefaults, ServerSettings
-from test_server import MODEL, LiveServer, live, model_dir, one_torch_thread, settings_for  # noqa: F401 (fixtures)
+from test_server import (ENDLESS, MODEL, LiveServer, gauge, live, model_dir, one_torch_thread,  # noqa: F401 (fixtures)
+                         settings_for, wait_for)
 
 KEY = "sk-edge-test-key"
 SMALL_BODY = 64 * 1024
@@ -246,6 +247,55 @@ def test_connections_over_max_connections_are_answered_503_and_closed(guarded):
         for sock in sockets:
             sock.close()
     assert httpx.get(guarded.url + "/health").status_code == 200  # and the server serves again
+
+
+# ---- pipelined requests ---------------------------------------------------------------------------------
+# Requests sent behind one still being answered, on one connection. httptools parses them at once and
+# queues them (reading paused while one waits); h11 leaves them unparsed until the response is done.
+
+def generate_request(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return request_head("/v1/generate", content_length=len(data)) + data
+
+
+STREAM = {"prompt": "a", "max_tokens": ENDLESS, "ignore_eos": True, "stream": True}
+
+
+def read_tokens(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while data.count(b"event: token") < n:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data.count(b'event: token')} tokens: {data[-300:]!r}"
+        data += chunk
+    return data
+
+
+def test_a_client_that_leaves_with_a_request_pipelined_behind_a_stream_frees_its_session(guarded):
+    with connect(guarded.url) as sock:
+        sock.sendall(generate_request(STREAM) + generate_request({"prompt": "b", "max_tokens": 2}))
+        read_tokens(sock, 3)
+        assert gauge(guarded.url, "crsm_running_sessions") == 1
+    wait_for(lambda: gauge(guarded.url, "crsm_running_sessions") == 0, 10.0)
+
+
+def test_a_pipelined_head_the_server_has_not_read_yet_is_not_cut_off_by_the_head_deadline(guarded):
+    """Behind a queued request the server reads nothing until the responses before it are done, so the
+    rest of a head sent in time waits unread; its deadline is not the client's fault, and a 408 written
+    then would land inside the running stream's body."""
+    third = generate_request({"prompt": "c", "max_tokens": 2})
+    with connect(guarded.url) as sock:
+        sock.sendall(generate_request(STREAM))
+        read_tokens(sock, 1)
+        sock.sendall(generate_request({"prompt": "b", "max_tokens": 2}) + third[:20])
+        sock.sendall(third[20:])   # in time, but not read while the second request waits
+        streamed = b""
+        until = time.monotonic() + 3 * TIMEOUT_S
+        while time.monotonic() < until:
+            chunk = sock.recv(65536)
+            assert chunk, f"the stream was cut off: {streamed[-300:]!r}"
+            streamed += chunk
+    assert b"HTTP/1.1 408" not in streamed
+    wait_for(lambda: gauge(guarded.url, "crsm_running_sessions") == 0, 10.0)
 
 
 def test_crsm_serve_has_the_door_settings():
