@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.routing import Match
+from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crsm_core.engine import ServingEngine, SessionRecord
@@ -228,9 +228,12 @@ class RequestMetricsMiddleware:
 
 
 def _endpoint(scope: Scope) -> str:
-    """The route template of a request: FastAPI names it (scope["route"]) for its API routes only; the
-    schema, the docs and mounted files are found among the app's routes."""
+    """The route template of a request: FastAPI names it (scope["route"]) for the API routes it ran; the
+    schema, the docs and mounted files are found among the app's own routes. A request the door refused
+    before routing (a 413, a 408) is "unmatched": FastAPI's included routers are routes without a path
+    of their own, so they are not searched."""
     route = scope.get("route")
     if route is None:
-        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] is Match.FULL), None)
+        route = next((r for r in scope["app"].router.routes
+                      if isinstance(r, (Route, Mount)) and r.matches(scope)[0] is Match.FULL), None)
     return route.path if route is not None else "unmatched"

@@ -4,6 +4,7 @@ surrogates, and the small things at the edge (strict types, JSON errors, what er
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import threading
@@ -128,6 +129,9 @@ def test_a_content_length_over_the_limit_is_413_before_the_body_is_read(guarded)
         status, headers, body = parse_response(read_until_closed(sock))  # answered with 100 MB still unsent
     assert status == 413 and headers["connection"] == "close"
     assert json.loads(body)["error"]["code"] == "body_too_large"
+    # counted, as a request refused before routing (finding its route raised here once)
+    metrics = httpx.get(guarded.url + "/metrics").text
+    assert re.search(r'crsm_requests_total\{endpoint="unmatched",status="413"\} [1-9]', metrics), metrics[-2000:]
 
 
 def test_a_chunked_body_growing_over_the_limit_is_413_before_it_ends(guarded):
