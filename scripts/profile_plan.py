@@ -7,7 +7,7 @@ are the CUDA kernels of the plan (graph replays included), whichever thread laun
 (tiny model, CPU) they are the calling thread's top-level CPU operators (the planner worker's own are
 not recorded there), which checks that the script runs, nothing more.
 
-    python scripts/profile_plan.py [--out DIR] [--roots 16] [--plans 3] [--quick]
+    PYTHONPATH=. python scripts/profile_plan.py [--out DIR] [--roots 16] [--plans 3] [--quick]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from crsm_core.bench.settings import BenchSettings
 from crsm_core.bench.workload import Workload
 from crsm_core.planner.runtime import PlanRequest, TokenLog
 from crsm_core.streams import record_current
+from scripts.profile_step import kernel_class
 
 # (class, substrings of the kernel or operator name), first match wins
 CLASSES = (
@@ -37,14 +38,6 @@ CLASSES = (
     ("prefill (chunked scan)", ("chunk", "_state_passing", "_bmm", "conv")),
     ("fill / elementwise / reduce", ("fill", "elementwise", "reduce", "where", "aten::")),
 )
-
-
-def kernel_class(name: str) -> str:
-    lowered = name.lower()
-    for label, needles in CLASSES:
-        if any(n.lower() in lowered for n in needles):
-            return label
-    return "other: " + name[:48]
 
 
 @torch.inference_mode()
@@ -88,7 +81,7 @@ def main() -> None:
         on_gpu = event.device_type == torch.autograd.DeviceType.CUDA
         if on_gpu != gpu or (not gpu and event.cpu_parent is not None):   # on the CPU: top-level operators
             continue
-        label = kernel_class(event.name)
+        label = kernel_class(event.name, CLASSES)
         counts[label] += 1
         times[label] += event.time_range.elapsed_us()
     total = sum(times.values())

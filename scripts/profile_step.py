@@ -38,9 +38,10 @@ KERNEL_CLASSES = (
 )
 
 
-def kernel_class(name: str) -> str:
+def kernel_class(name: str, classes: tuple[tuple[str, tuple[str, ...]], ...] = KERNEL_CLASSES) -> str:
+    """The label of the first class one of whose substrings the kernel's name holds."""
     lowered = name.lower()
-    for label, needles in KERNEL_CLASSES:
+    for label, needles in classes:
         if any(n.lower() in lowered for n in needles):
             return label
     return "other: " + name[:48]
